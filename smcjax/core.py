@@ -1,0 +1,452 @@
+r"""The SMC engine: Feynman–Kac models, an ``(init, step)`` kernel and the driver.
+
+A Feynman–Kac model (Del Moral 2004; Chopin & Papaspiliopoulos 2020) is a Markov
+chain with kernels :math:`M_0(dx_0)`, :math:`M_t(x_{t-1}, dx_t)` and potentials
+:math:`G_0(x_0)`, :math:`G_t(x_{t-1}, x_t)`. It defines the normalising constants
+
+.. math::
+
+    Z_t = \mathbb{E}_{M}\Big[G_0(X_0) \prod_{s=1}^{t} G_s(X_{s-1}, X_s)\Big],
+
+and the (generic) particle filter below estimates them without bias. With ``N``
+particles and normalised weights :math:`W_{t-1}^n`, one step is
+
+1. *resample* (only when the ESS falls below ``ess_threshold·N``): draw ancestors
+   :math:`A_t^n` from :math:`W_{t-1}`; set :math:`\hat W_{t-1}^n = 1/N`, otherwise
+   :math:`A_t^n = n` and :math:`\hat W_{t-1} = W_{t-1}`;
+2. *propagate*: :math:`X_t^n \sim M_t(X_{t-1}^{A_t^n}, \cdot)`;
+3. *reweight*: :math:`w_t^n = \hat W_{t-1}^n\, G_t(X_{t-1}^{A_t^n}, X_t^n)`,
+   :math:`\hat Z_t = \hat Z_{t-1} \sum_n w_t^n` and :math:`W_t^n = w_t^n / \sum_m w_t^m`.
+
+Everything happens in log space. Model functions are written for ONE particle; the
+engine ``jax.vmap``'s them (once, in :func:`batch_model`), unless the model says it is
+already ``vectorized``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from smcjax.resampling import Resampler, ess, get_resampler, log_normalize
+from smcjax.types import Array, ArrayTree, PRNGKey
+
+__all__ = [
+    "BatchedModel",
+    "FeynmanKac",
+    "SMCInfo",
+    "SMCResult",
+    "SMCState",
+    "batch_model",
+    "build_step",
+    "gather",
+    "init",
+    "smc",
+    "step",
+    "weighted_mean",
+]
+
+
+class FeynmanKac(NamedTuple):
+    r"""A Feynman–Kac model given by one-particle functions.
+
+    Attributes
+    ----------
+    init
+        ``init(key) -> x_0``, a draw from :math:`M_0`.
+    propagate
+        ``propagate(key, t, x_prev) -> x_t``, a draw from :math:`M_t(x_{t-1}, \cdot)`.
+    log_potential
+        ``log_potential(t, x_prev, x) -> scalar``, :math:`\log G_t(x_{t-1}, x_t)`;
+        called with ``x_prev=None`` at ``t = 0``. ``NaN`` is treated as ``-inf``.
+    vectorized
+        If ``True`` the three functions already act on a batch of particles (leading
+        axis ``N``) and receive a single key; the engine then does not vmap them.
+        LLM particles use this to batch the language model.
+    """
+
+    init: Callable[..., ArrayTree]
+    propagate: Callable[..., ArrayTree]
+    log_potential: Callable[..., Array]
+    vectorized: bool = False
+
+
+class BatchedModel(NamedTuple):
+    """A :class:`FeynmanKac` model lifted to a batch of ``N`` particles."""
+
+    init: Callable[[PRNGKey, int], ArrayTree]
+    propagate: Callable[[PRNGKey, Array, ArrayTree], ArrayTree]
+    log_potential: Callable[[Array, ArrayTree | None, ArrayTree], Array]
+
+
+def batch_model(model: FeynmanKac) -> BatchedModel:
+    """Vmap the one-particle functions of ``model`` over the particle axis.
+
+    This is the one place where smcjax vmaps model code. Each particle gets its own
+    key, split from the step's key.
+    """
+    if not isinstance(model, FeynmanKac):
+        raise TypeError(
+            f"model must be a smcjax.FeynmanKac, got {type(model).__name__}"
+        )
+    if model.vectorized:
+
+        def init_v(key, n):
+            return model.init(key, n)
+
+        return BatchedModel(init_v, model.propagate, model.log_potential)
+
+    def init_b(key, n):
+        return jax.vmap(model.init)(jax.random.split(key, n))
+
+    def propagate_b(key, t, x_prev):
+        n = _num_particles(x_prev)
+        keys = jax.random.split(key, n)
+        return jax.vmap(model.propagate, in_axes=(0, None, 0))(keys, t, x_prev)
+
+    def log_potential_b(t, x_prev, x):
+        return jax.vmap(model.log_potential, in_axes=(None, 0, 0))(t, x_prev, x)
+
+    return BatchedModel(init_b, propagate_b, log_potential_b)
+
+
+class SMCState(NamedTuple):
+    """State of the particle system after step ``t``.
+
+    Attributes
+    ----------
+    particles
+        Pytree with leading axis ``N``: :math:`X_t^{1:N}`.
+    log_weights
+        Normalised log-weights :math:`\\log W_t^{1:N}` (``logsumexp = 0``).
+    log_evidence
+        Running :math:`\\log \\hat Z_t`.
+    t
+        Index of the last completed step (``int32``).
+    """
+
+    particles: ArrayTree
+    log_weights: Array
+    log_evidence: Array
+    t: Array
+
+
+class SMCInfo(NamedTuple):
+    """Diagnostics of one step (never needed to continue the run).
+
+    Attributes
+    ----------
+    ancestors
+        :math:`A_t^{1:N}` (identity when no resampling happened), ``int32``.
+    resampled
+        Whether resampling happened before propagation at this step.
+    ess
+        Effective sample size of :math:`W_t` after reweighting.
+    log_evidence_increment
+        :math:`\\log(\\hat Z_t / \\hat Z_{t-1})`.
+    """
+
+    ancestors: Array
+    resampled: Array
+    ess: Array
+    log_evidence_increment: Array
+
+
+class SMCResult(NamedTuple):
+    """Output of :func:`smc` and of the particle filters.
+
+    Attributes
+    ----------
+    particles
+        Final particles (leading axis ``N``); equally weighted if ``final_resample``.
+    log_weights
+        Final normalised log-weights ``(N,)``.
+    log_evidence
+        :math:`\\log \\hat Z_{T-1}` (scalar).
+    ess
+        ``(T,)`` ESS after each reweighting.
+    resampled
+        ``(T,)`` bool, whether resampling preceded step ``t`` (``False`` at ``t=0``).
+    ancestors
+        ``(T, N)`` ancestor indices (identity where not resampled).
+    log_evidence_increments
+        ``(T,)``; their cumulative sum is the running log-evidence.
+    history
+        ``(T, N, ...)`` particles at every step when ``return_history=True``.
+    filtering_means
+        ``(T, ...)`` weighted means :math:`\\sum_n W_t^n X_t^n` when requested.
+    summaries
+        ``(T, ...)`` output of a user ``summary_fn(t, particles, log_weights)``.
+    """
+
+    particles: ArrayTree
+    log_weights: Array
+    log_evidence: Array
+    ess: Array
+    resampled: Array
+    ancestors: Array
+    log_evidence_increments: Array
+    history: ArrayTree = None
+    filtering_means: ArrayTree = None
+    summaries: ArrayTree = None
+
+
+def _num_particles(particles: ArrayTree) -> int:
+    leaves = jax.tree.leaves(particles)
+    if not leaves:
+        raise ValueError("particles must be a pytree with at least one array leaf")
+    return leaves[0].shape[0]
+
+
+def gather(particles: ArrayTree, indices: Array) -> ArrayTree:
+    """Select particles along the leading axis: ``x^{A^n}`` for every leaf."""
+    return jax.tree.map(lambda x: jnp.take(x, indices, axis=0), particles)
+
+
+def weighted_mean(particles: ArrayTree, log_weights: Array) -> ArrayTree:
+    """``Σ_n W^n x^n`` for every floating leaf (integer leaves are cast to float)."""
+    w = jnp.exp(log_weights)
+
+    def mean(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(w.dtype)
+        return jnp.tensordot(w.astype(x.dtype), x, axes=(0, 0))
+
+    return jax.tree.map(mean, particles)
+
+
+def _reweight(log_weights: Array, log_g: Array, log_evidence: Array):
+    log_g = jnp.asarray(log_g)
+    n = log_weights.shape[0]
+    if log_g.shape != (n,):
+        raise ValueError(
+            f"log_potential must return a scalar per particle; the batched output "
+            f"has shape {log_g.shape}, expected ({n},)"
+        )
+    log_g = jnp.where(jnp.isnan(log_g), -jnp.inf, log_g)
+    log_w, incr = log_normalize(log_weights + log_g)
+    return log_w, log_evidence + incr, incr
+
+
+def init(key: PRNGKey, model: FeynmanKac, num_particles: int) -> tuple[SMCState, SMCInfo]:
+    r"""Draw :math:`X_0^n \sim M_0` and weight them by :math:`G_0`."""
+    bm = batch_model(model)
+    return _init(key, bm, _check_num_particles(num_particles))
+
+
+def _init(key, bm: BatchedModel, n: int):
+    t0 = jnp.zeros((), jnp.int32)
+    x0 = bm.init(key, n)
+    if _num_particles(x0) != n:
+        raise ValueError(
+            f"init returned {_num_particles(x0)} particles, expected num_particles={n}"
+        )
+    log_g = bm.log_potential(t0, None, x0)
+    uniform = jnp.full((n,), -jnp.log(float(n)), jnp.result_type(float))
+    log_w, log_z, incr = _reweight(uniform, log_g, jnp.zeros((), uniform.dtype))
+    state = SMCState(x0, log_w, log_z, t0)
+    info = SMCInfo(jnp.arange(n, dtype=jnp.int32), jnp.array(False), ess(log_w), incr)
+    return state, info
+
+
+def build_step(
+    model: FeynmanKac,
+    *,
+    resampling: str | Resampler = "systematic",
+    ess_threshold: float = 0.5,
+) -> Callable[[PRNGKey, SMCState], tuple[SMCState, SMCInfo]]:
+    """Return the kernel ``step(key, state) -> (state, info)`` for ``model``.
+
+    ``ess_threshold`` is the fraction of ``N`` below which the ESS triggers
+    resampling: ``1.0`` resamples at every step, ``0.0`` never.
+    """
+    bm = batch_model(model)
+    resampler = get_resampler(resampling)
+    _check_threshold(ess_threshold)
+
+    def step_fn(key: PRNGKey, state: SMCState) -> tuple[SMCState, SMCInfo]:
+        return _step(key, state, bm, resampler, ess_threshold)
+
+    return step_fn
+
+
+def step(
+    key: PRNGKey,
+    state: SMCState,
+    model: FeynmanKac,
+    *,
+    resampling: str | Resampler = "systematic",
+    ess_threshold: float = 0.5,
+) -> tuple[SMCState, SMCInfo]:
+    """One SMC step (resample if needed, propagate, reweight); see the module doc."""
+    return build_step(model, resampling=resampling, ess_threshold=ess_threshold)(
+        key, state
+    )
+
+
+def _step(key, state: SMCState, bm: BatchedModel, resampler, ess_threshold):
+    n = state.log_weights.shape[0]
+    t = state.t + 1
+    k_res, k_prop = jax.random.split(key)
+    identity = jnp.arange(n, dtype=jnp.int32)
+    uniform = jnp.full_like(state.log_weights, -jnp.log(float(n)))
+
+    if isinstance(ess_threshold, int | float) and ess_threshold >= 1.0:
+        ancestors = resampler(k_res, state.log_weights, n).astype(jnp.int32)
+        resampled = jnp.array(True)
+        log_w = uniform
+    elif isinstance(ess_threshold, int | float) and ess_threshold <= 0.0:
+        ancestors, resampled, log_w = identity, jnp.array(False), state.log_weights
+    else:
+        resampled = ess(state.log_weights) < ess_threshold * n
+        ancestors = jax.lax.cond(
+            resampled,
+            lambda: resampler(k_res, state.log_weights, n).astype(jnp.int32),
+            lambda: identity,
+        )
+        log_w = jnp.where(resampled, uniform, state.log_weights)
+
+    if isinstance(ess_threshold, int | float) and ess_threshold >= 1.0:
+        x_prev = gather(state.particles, ancestors)
+    elif isinstance(ess_threshold, int | float) and ess_threshold <= 0.0:
+        x_prev = state.particles
+    else:
+        x_prev = jax.lax.cond(
+            resampled,
+            lambda: gather(state.particles, ancestors),
+            lambda: state.particles,
+        )
+    x = bm.propagate(k_prop, t, x_prev)
+    log_g = bm.log_potential(t, x_prev, x)
+    log_w, log_z, incr = _reweight(log_w, log_g, state.log_evidence)
+    new_state = SMCState(x, log_w, log_z, t)
+    info = SMCInfo(ancestors, resampled, ess(log_w), incr)
+    return new_state, info
+
+
+def _check_num_particles(num_particles: Any) -> int:
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int):
+        try:
+            num_particles = int(num_particles)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"num_particles must be a Python int, got {num_particles!r}"
+            ) from None
+    if num_particles < 1:
+        raise ValueError(f"num_particles must be >= 1, got {num_particles}")
+    return num_particles
+
+
+def _check_threshold(ess_threshold: Any) -> None:
+    if isinstance(ess_threshold, int | float) and not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"ess_threshold must lie in [0, 1], got {ess_threshold}")
+
+
+def smc(
+    key: PRNGKey,
+    model: FeynmanKac,
+    num_particles: int,
+    num_steps: int,
+    *,
+    resampling: str | Resampler = "systematic",
+    ess_threshold: float = 0.5,
+    final_resample: bool = False,
+    return_history: bool = False,
+    compute_means: bool = False,
+    summary_fn: Callable[[Array, ArrayTree, Array], ArrayTree] | None = None,
+) -> SMCResult:
+    r"""Run the particle filter of a Feynman–Kac model for ``t = 0..num_steps-1``.
+
+    Parameters
+    ----------
+    key
+        PRNG key.
+    model
+        A :class:`FeynmanKac` model of one-particle functions.
+    num_particles
+        ``N >= 1`` (static).
+    num_steps
+        ``T >= 1`` (static); the loop over ``t = 1..T-1`` is a ``lax.scan``.
+    resampling
+        ``"multinomial" | "stratified" | "systematic" | "residual"`` or a callable with
+        the resampler signature (see :mod:`smcjax.resampling`).
+    ess_threshold
+        Resample before step ``t`` when :math:`\mathrm{ESS}(W_{t-1}) <` this fraction
+        of ``N``; ``1.0`` = every step, ``0.0`` = never.
+    final_resample
+        Resample once more after the last step so ``particles`` are equally weighted
+        (``log_weights`` are then uniform).
+    return_history
+        Keep the particles of every step in ``history`` (``(T, N, ...)``), e.g. for
+        :mod:`smcjax.smoothing`.
+    compute_means
+        Store the filtering means :math:`\sum_n W_t^n X_t^n` in ``filtering_means``.
+    summary_fn
+        Optional ``summary_fn(t, particles, log_weights) -> pytree``, stacked over ``t``.
+
+    Returns
+    -------
+    SMCResult
+        ``log_evidence`` is :math:`\log \hat Z_{T-1}`, an unbiased estimate on the
+        natural scale: :math:`\mathbb{E}[\hat Z] = Z`.
+
+    Notes
+    -----
+    Runs under ``jax.jit`` (with ``model``, ``num_particles``, ``num_steps`` and the
+    keyword options static) and under ``jax.vmap`` over keys.
+    """
+    n = _check_num_particles(num_particles)
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps must be a Python int >= 1, got {num_steps!r}")
+    bm = batch_model(model)
+    resampler = get_resampler(resampling)
+    _check_threshold(ess_threshold)
+
+    def record(state: SMCState, info: SMCInfo):
+        out = {"info": info}
+        if return_history:
+            out["history"] = state.particles
+        if compute_means:
+            out["mean"] = weighted_mean(state.particles, state.log_weights)
+        if summary_fn is not None:
+            out["summary"] = summary_fn(state.t, state.particles, state.log_weights)
+        return out
+
+    k0, k_loop, k_final = jax.random.split(key, 3)
+    state, info0 = _init(k0, bm, n)
+    rec0 = record(state, info0)
+
+    def body(state, k):
+        state, info = _step(k, state, bm, resampler, ess_threshold)
+        return state, record(state, info)
+
+    if num_steps > 1:
+        state, recs = jax.lax.scan(body, state, jax.random.split(k_loop, num_steps - 1))
+        recs = jax.tree.map(
+            lambda a, b: jnp.concatenate([a[None], b], axis=0), rec0, recs
+        )
+    else:
+        recs = jax.tree.map(lambda a: a[None], rec0)
+
+    particles, log_w = state.particles, state.log_weights
+    if final_resample:
+        idx = resampler(k_final, log_w, n).astype(jnp.int32)
+        particles = gather(particles, idx)
+        log_w = jnp.full_like(log_w, -jnp.log(float(n)))
+    infos: SMCInfo = recs["info"]
+    return SMCResult(
+        particles=particles,
+        log_weights=log_w,
+        log_evidence=state.log_evidence,
+        ess=infos.ess,
+        resampled=infos.resampled,
+        ancestors=infos.ancestors,
+        log_evidence_increments=infos.log_evidence_increment,
+        history=recs.get("history"),
+        filtering_means=recs.get("mean"),
+        summaries=recs.get("summary"),
+    )
