@@ -1,0 +1,445 @@
+r"""Flax NNX decoder for the Qwen2 and Llama families, with an explicit KV cache.
+
+One implementation, driven by :class:`~smcjax.llm.config.ModelConfig`, covers Qwen2
+(q/k/v biases) and Llama (no biases, optional Llama-3 RoPE scaling). Each layer is the
+pre-norm block
+
+.. math::
+
+    h &\leftarrow h + W_o\,\mathrm{Attn}\big(\mathrm{RoPE}(W_q \tilde h + b_q),
+        \mathrm{RoPE}(W_k \tilde h + b_k), W_v \tilde h + b_v\big),
+        \qquad \tilde h = \mathrm{RMSNorm}(h), \\
+    h &\leftarrow h + W_{down}\big(\mathrm{SiLU}(W_{gate} \bar h) \odot
+        W_{up} \bar h\big), \qquad \bar h = \mathrm{RMSNorm}(h),
+
+with grouped-query attention (``H`` query heads share ``K`` key/value heads) and a final
+RMSNorm followed by the LM head (tied to the embedding or not).
+
+Layers are created stacked (every parameter has a leading ``num_layers`` axis) and run
+with :func:`jax.lax.scan`, so compile time does not grow with depth.
+
+Functional use
+--------------
+:class:`Transformer` pairs the static NNX ``graphdef`` with the parameter pytree; it is
+itself a pytree (parameters are leaves, graphdef and config are static), so it can be
+passed to :func:`jax.jit` as an ordinary argument::
+
+    logits, cache = transformer(tokens, positions, cache)
+
+``tokens`` and ``positions`` are ``(B, T)`` int32. ``cache`` is a :class:`KVCache` whose
+leaves have the batch axis first, ``(B, num_layers, S, K, head_dim)``; the new keys and
+values are written at ``positions`` (rows whose position is ``>= S`` are dropped, which
+is how inactive rows are masked out), and each query at position ``p`` attends to the
+cache slots ``j <= p`` of its own row. Sequences of different lengths therefore share a
+batch with *right* padding: row ``b`` keeps its tokens at buffer slots ``0..n_b-1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from smcjax.llm.config import ModelConfig, rope_inverse_frequencies
+from smcjax.types import Array, ArrayLike
+
+__all__ = [
+    "Backbone",
+    "CausalLM",
+    "KVCache",
+    "Transformer",
+    "forward",
+    "init_cache",
+    "init_transformer",
+]
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer, batch axis first.
+
+    Attributes
+    ----------
+    k, v : Array
+        ``(B, num_layers, S, num_kv_heads, head_dim)``; slot ``j`` of row ``b`` holds
+        the rotated key (and the value) of the token at position ``j``.
+    """
+
+    k: Array
+    v: Array
+
+
+def init_cache(
+    config: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32
+) -> KVCache:
+    """Zero cache for ``batch_size`` rows of ``max_len`` slots."""
+    shape = (
+        batch_size,
+        config.num_layers,
+        max_len,
+        config.num_kv_heads,
+        config.head_dim,
+    )
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nnx.Module):
+    r""":math:`w \odot x / \sqrt{\overline{x^2} + ε}`, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype: Any = jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * y.astype(x.dtype)
+
+
+def _linear(din: int, dout: int, bias: bool, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        din,
+        dout,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02),
+        rngs=rngs,
+    )
+
+
+def _rotate(x: Array, cos: Array, sin: Array) -> Array:
+    """RoPE in the "rotate half" layout: ``x cos + [-x2, x1] sin``."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos + rot * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with rotary embeddings and a KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        d, h, k = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.q_proj = _linear(cfg.hidden_size, h * d, cfg.qkv_bias, dtype, rngs)
+        self.k_proj = _linear(cfg.hidden_size, k * d, cfg.qkv_bias, dtype, rngs)
+        self.v_proj = _linear(cfg.hidden_size, k * d, cfg.qkv_bias, dtype, rngs)
+        self.o_proj = _linear(h * d, cfg.hidden_size, cfg.o_bias, dtype, rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, k, d
+
+    def __call__(
+        self,
+        x: Array,
+        cos: Array,
+        sin: Array,
+        positions: Array,
+        cache: KVCache | None,
+        layer: Array | None,
+        kv_len: int | None,
+    ) -> tuple[Array, KVCache | None]:
+        b, t, _ = x.shape
+        h, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = _rotate(self.q_proj(x).reshape(b, t, h, d), cos, sin)
+        k = _rotate(self.k_proj(x).reshape(b, t, kh, d), cos, sin)
+        v = self.v_proj(x).reshape(b, t, kh, d)
+        if cache is None:
+            keys, values, key_pos = k, v, positions
+        else:
+            rows = jnp.arange(b)[:, None]
+            # Scatter the new keys/values at (row, layer, position); rows whose position
+            # is outside the buffer (inactive rows) are dropped.
+            ck = cache.k.at[rows, layer, positions].set(
+                k.astype(cache.k.dtype), mode="drop"
+            )
+            cv = cache.v.at[rows, layer, positions].set(
+                v.astype(cache.v.dtype), mode="drop"
+            )
+            cache = KVCache(ck, cv)
+            n = ck.shape[2] if kv_len is None else kv_len
+            keys = jax.lax.dynamic_index_in_dim(ck, layer, axis=1, keepdims=False)[
+                :, :n
+            ]
+            values = jax.lax.dynamic_index_in_dim(cv, layer, axis=1, keepdims=False)[
+                :, :n
+            ]
+            key_pos = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
+        g = h // kh
+        q = q.reshape(b, t, kh, g, d)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts",
+            q,
+            keys.astype(q.dtype),
+            preferred_element_type=jnp.float32,
+        ) * (1.0 / np.sqrt(d))
+        mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * d)
+        return self.o_proj(out.astype(x.dtype)), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward block ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        dm, di = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(dm, di, cfg.mlp_bias, dtype, rngs)
+        self.up_proj = _linear(dm, di, cfg.mlp_bias, dtype, rngs)
+        self.down_proj = _linear(di, dm, cfg.mlp_bias, dtype, rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention block followed by a pre-norm SwiGLU block."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype
+        )
+        self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype
+        )
+        self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, positions, cache, layer, kv_len):
+        a, cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, positions, cache, layer, kv_len
+        )
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+
+class Backbone(nnx.Module):
+    """Token embedding, stacked decoder layers and the final norm (HF ``model.*``)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embed_tokens = nnx.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_layers(r: nnx.Rngs) -> DecoderLayer:
+            return DecoderLayer(cfg, dtype=dtype, rngs=r)
+
+        self.layers = make_layers(rngs)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype)
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Return the final hidden states ``(B, T, D)`` and the updated cache."""
+        x = self.embed_tokens(tokens)
+        inv_freq = rope_inverse_frequencies(self.config)  # static numpy constant
+        freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+        emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # (B, T, 1, d)
+        cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+        layer_def, layer_params = nnx.split(self.layers)
+
+        def body(carry, xs):
+            h, c = carry
+            params, i = xs
+            h, c = nnx.merge(layer_def, params)(h, cos, sin, positions, c, i, kv_len)
+            return (h, c), None
+
+        idx = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (layer_params, idx))
+        return self.norm(x), cache
+
+
+class CausalLM(nnx.Module):
+    """Decoder with an LM head (HF ``Qwen2ForCausalLM`` / ``LlamaForCausalLM``)."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+        )
+
+    def head(self, h: Array) -> Array:
+        """Float32 logits from final hidden states ``(..., D) -> (..., V)``."""
+        if self.lm_head is None:
+            emb = self.model.embed_tokens.embedding[...]
+            out = jnp.einsum(
+                "...d,vd->...v", h, emb, preferred_element_type=jnp.float32
+            )
+        else:
+            kern = self.lm_head.kernel[...]
+            out = jnp.einsum(
+                "...d,dv->...v", h, kern, preferred_element_type=jnp.float32
+            )
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        tokens: Array,
+        positions: Array,
+        cache: KVCache | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Logits ``(B, T, V)`` float32 and the updated cache."""
+        h, cache = self.model(tokens, positions, cache, kv_len=kv_len)
+        return self.head(h), cache
+
+
+# ------------------------------------------------------------------ functional form
+
+
+@jax.tree_util.register_pytree_node_class
+class Transformer:
+    """A split NNX module: static ``graphdef`` + parameter pytree ``params``.
+
+    Parameters are pytree leaves and the graphdef and config are static, so instances
+    pass through :func:`jax.jit`, :func:`jax.vmap` and :func:`jax.lax.scan` like any
+    pytree (``params`` are traced, not baked into the program as constants).
+
+    Attributes
+    ----------
+    graphdef : nnx.GraphDef
+        Structure of the module (:class:`CausalLM` or a reward model).
+    params : nnx.State
+        Its parameters.
+    config : ModelConfig
+    """
+
+    def __init__(self, graphdef: Any, params: Any, config: ModelConfig, **static: Any):
+        self.graphdef = graphdef
+        self.params = params
+        self.config = config
+        self._static = static
+        for k, v in static.items():
+            setattr(self, k, v)
+
+    def module(self) -> nnx.Module:
+        """Merge back into an NNX module (inside jit, this is free)."""
+        return nnx.merge(self.graphdef, self.params)
+
+    def __call__(
+        self,
+        tokens: ArrayLike,
+        positions: ArrayLike,
+        cache: KVCache | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Run the module: ``(outputs, cache) = module(tokens, positions, cache)``."""
+        return self.module()(
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(positions, jnp.int32),
+            cache,
+            kv_len=kv_len,
+        )
+
+    def hidden(
+        self,
+        tokens: ArrayLike,
+        positions: ArrayLike,
+        cache: KVCache | None = None,
+        *,
+        kv_len: int | None = None,
+    ) -> tuple[Array, KVCache | None]:
+        """Final-norm hidden states ``(B, T, D)`` of the backbone and the cache."""
+        return self.module().model(
+            jnp.asarray(tokens, jnp.int32),
+            jnp.asarray(positions, jnp.int32),
+            cache,
+            kv_len=kv_len,
+        )
+
+    def head(self, h: Array) -> Array:
+        """Apply the module's output head to hidden states."""
+        return self.module().head(h)
+
+    @property
+    def dtype(self) -> Any:
+        """Dtype of the parameters (of the embedding matrix)."""
+        return self.params["model"]["embed_tokens"]["embedding"][...].dtype
+
+    def tree_flatten(self):  # noqa: D102
+        aux = (self.graphdef, self.config, tuple(sorted(self._static.items())))
+        return (self.params,), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):  # noqa: D102
+        obj = object.__new__(cls)
+        obj.graphdef, obj.config, static = aux
+        (obj.params,) = children
+        obj._static = dict(static)
+        for k, v in obj._static.items():
+            setattr(obj, k, v)
+        return obj
+
+    def __repr__(self) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+        return f"{type(self).__name__}({self.config.model_type}, {n / 1e6:.1f}M params)"
+
+
+def forward(
+    transformer: Transformer,
+    tokens: ArrayLike,
+    positions: ArrayLike,
+    cache: KVCache | None = None,
+    *,
+    kv_len: int | None = None,
+) -> tuple[Array, KVCache | None]:
+    """``(logits, cache) = forward(transformer, tokens, positions, cache)``.
+
+    Parameters
+    ----------
+    transformer : Transformer
+        Split model (a :class:`~smcjax.llm.LanguageModel` is one).
+    tokens, positions : ArrayLike
+        ``(B, T)`` int32 token ids and their absolute positions.
+    cache : KVCache, optional
+        ``(B, num_layers, S, K, d)`` keys/values. Without a cache, attention is causal
+        over the ``T`` given tokens (by position). With a cache, the new keys/values are
+        written at ``positions`` and each query attends to slots ``j <= position``.
+    kv_len : int, optional
+        Static bound on the attended cache slots (``S`` by default); a prefill whose
+        positions are all ``< T`` uses ``kv_len=T``.
+
+    Returns
+    -------
+    logits : Array
+        ``(B, T, V)`` float32.
+    cache : KVCache or None
+    """
+    return transformer(tokens, positions, cache, kv_len=kv_len)
+
+
+def init_transformer(
+    config: ModelConfig,
+    *,
+    seed: int = 0,
+    dtype: Any = jnp.float32,
+    module: Callable[..., nnx.Module] = CausalLM,
+    cls: type[Transformer] = Transformer,
+    **static: Any,
+) -> Transformer:
+    """Randomly initialised model (for tests and benchmarks), already split."""
+    m = module(config, dtype=dtype, rngs=nnx.Rngs(seed))
+    graphdef, params = nnx.split(m)
+    return cls(graphdef, params, config, **static)
