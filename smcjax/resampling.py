@@ -1,30 +1,142 @@
-"""Resampling schemes and the effective sample size.
+r"""Resampling schemes, conditional resamplers and the effective sample size.
 
-Every resampler has the signature ``resampler(key, log_weights, num_samples=None)`` and
-returns ``int32`` ancestor indices ``A^{1:M}`` in ``[0, N)`` such that the offspring
-counts ``N^i = #{m : A^m = i}`` are unbiased, ``E[N^i] = M W^i``, where
+Contract
+--------
+Every resampler has the signature ``resampler(key, log_weights, num_samples=None)``
+and returns ``int32`` ancestor indices :math:`A^{0:M-1}` in :math:`[0, N)`, where ``N``
+is the length of ``log_weights`` and ``M = num_samples or N`` (a static Python int).
+The offspring counts :math:`N^i = \#\{m : A^m = i\}` are unbiased,
 
-.. math::  W^i = \\frac{\\exp(\\ell^i)}{\\sum_j \\exp(\\ell^j)}
+.. math::  \mathbb E[N^i] = M W^i, \qquad
+           W^i = \frac{\exp \ell^i}{\sum_j \exp \ell^j},
 
-are the normalised weights of the unnormalised log-weights ``ℓ``. ``-inf`` entries are
-particles of weight zero and are never selected; ``NaN`` entries are treated as ``-inf``.
-If *every* entry is ``-inf`` or ``NaN`` the weights are undefined: the resamplers then
-fall back to uniform weights (documented flag: :func:`ess` returns ``0`` and the SMC
-driver reports a log-evidence of ``-inf``).
+for the unnormalised log-weights :math:`\ell`. All schemes are the inverse-CDF
+transform :math:`A^m = F^{-1}(u^m)`, :math:`F^{-1}(u) = \min\{i : C^i > u\}` with the
+cumulative weights :math:`C^i = \sum_{j \le i} W^j`, of points :math:`u^{0:M-1}`:
+
+* ``multinomial``: the order statistics of :math:`M` i.i.d. uniforms;
+* ``stratified``: :math:`u^m = (m + U^m)/M` with i.i.d. :math:`U^m \sim U[0, 1)`;
+* ``systematic``: :math:`u^m = (m + U)/M` with one :math:`U \sim U[0, 1)`;
+* ``residual``: :math:`\lfloor M W^i \rfloor` deterministic copies of particle
+  ``i``, the :math:`R = M - \sum_i \lfloor M W^i \rfloor` remaining ancestors
+  multinomial on the residual weights :math:`M W^i - \lfloor M W^i \rfloor`.
+
+The outputs are **sorted** (non-decreasing in the slot ``m``). For SMC this is
+immaterial: after resampling the particles are exchangeable (every Feynman–Kac estimate
+is a symmetric function of the particle system), so only the offspring counts matter,
+and the counts of ``multinomial`` are exactly :math:`\mathrm{Multinomial}(M, W)` (the
+ancestors are distributed as the order statistics of :math:`M` i.i.d.
+:math:`\mathrm{Categorical}(W)` draws). A randomly permuted order costs an
+:math:`O(M \log M)` sort, ~100× the resampling itself on CPU; apply
+``jax.random.permutation`` yourself if slot identity carries meaning. The one place it
+does — conditional SMC, where one slot holds the reference trajectory — has its own
+resamplers (below).
+
+Weights
+-------
+``-inf`` entries have weight zero and are never selected; ``NaN`` entries are treated as
+``-inf``; ``+inf`` entries share all the mass equally (the limit of huge finite
+log-weights). Finite log-weights of any magnitude are safe (they are shifted by their
+maximum before exponentiation). If *every* entry is ``-inf`` or ``NaN`` the weights are
+undefined; raising is impossible under ``jit``, so the documented fallback is **uniform
+weights** and the flag is :func:`ess` ``== 0`` (equivalently, the log-sum returned by
+:func:`log_normalize` is ``-inf``, so a particle filter's log-evidence is ``-inf``).
+Whatever the input, the output is a valid index in ``[0, N)`` of a particle with
+positive weight (any particle under the all-zero fallback).
+
+Algorithm and speed
+-------------------
+Everything is :math:`O(N + M)` with static shapes, and written as a handful of fused
+passes because on CPU XLA's generic ``jnp.cumsum`` (an associative scan: ~12 ms for
+:math:`10^6` floats here) and ``jnp.searchsorted`` (a vectorised binary search: ~60 ms
+for :math:`10^6` queries, ~3 ms per halving step) are the bottlenecks of the textbook
+"``cumsum`` + ``searchsorted``" resampler (BlackJAX's design; 20 ms for systematic
+resampling of :math:`10^6` particles here, against 9 ms for ``particles`` in NumPy).
+
+1. *Prefix sums* are computed blockwise: the array is viewed as rows of 16, each row's
+   prefix sums are one small matrix product with an upper-triangular matrix of ones
+   (exact-order float32 dot products, vectorised by the BLAS), and the row totals are
+   summed recursively (:func:`_cumsum`): ~1.7 ms for :math:`10^6` floats.
+2. Instead of searching for every point :math:`u^m`, the *rank* of every cumulative
+   weight :math:`K^i = \#\{m : u^m < C^i\}` is computed in :math:`O(1)` per particle:
+   :math:`K^i = \lceil M C^i - U \rceil` for systematic,
+   :math:`K^i = s + 1[U^s < M C^i - s]`, :math:`s = \lfloor M C^i \rfloor` for
+   stratified (only the stratum that contains :math:`C^i` needs a look), and for the
+   multinomial order statistics a guide table (Chen & Asau, 1974) over :math:`M` equal
+   cells, which the uniforms fill ~Poisson(1) each, followed by a binary search of a few
+   steps inside the cell.
+3. The offspring counts are :math:`N^i = K^i - K^{i-1}`, and the ancestors are the
+   merge of the two sorted sequences :math:`(C^i)` and :math:`(u^m)`:
+   :math:`A^m = \#\{i : K^i \le m\}`, i.e. a histogram of the :math:`K^i`
+   (``segment_sum`` with sorted indices) followed by one more prefix sum. This is
+   exact integer arithmetic (the counts are summed in float32 below :math:`2^{24}`).
+
+Measured on this 2-core CPU (``benchmarks/bench_resampling.py``), systematic resampling
+of :math:`10^6` log-weights takes ~3 ms, against ~60 ms for the same code with
+``jnp.searchsorted``; multinomial is bound by the random number generator (drawing
+:math:`10^6` exponentials costs more than the resampling itself).
+
+Precision: in float32 the cumulative weights of :math:`N` particles carry absolute
+errors of order :math:`2^{-24}` relative to the total, so each count's expectation is
+exact up to :math:`O(2^{-24} M)`; these errors telescope (they move mass between
+neighbouring particles only) and are far below Monte Carlo error. With
+``jax.experimental.enable_x64()`` and float64 log-weights everything runs in float64.
+A rounding error can never select a zero-weight particle: such a (probability
+:math:`O(2^{-24} M)`) draw is moved to the neighbouring slot's particle.
+
+Conditional resamplers
+----------------------
+Conditional SMC (particle Gibbs) keeps a reference trajectory in a fixed slot ``p``
+(``pinned``) at every time, so its ancestor is pinned, :math:`A^p = p`, and the other
+ancestors must be drawn from the *conditional law* of the unconditional scheme given
+:math:`A^p = p`,
+
+.. math::  r(a^{-p} \mid a^p = p, W) = r(a \mid W) / \Pr(A^p = p),
+
+for a scheme whose every slot has marginal law :math:`\Pr(A^m = i) = W^i` (Andrieu,
+Doucet & Holenstein, 2010; Chopin & Singh, 2015). This makes the CSMC kernel leave the
+target invariant. The functions :func:`conditional_multinomial`,
+:func:`conditional_stratified` and :func:`conditional_systematic` take
+``(key, log_weights, pinned=0, num_samples=None)``.
+
+* *Multinomial*: the slots are i.i.d., so the others are :math:`M - 1` i.i.d.
+  :math:`\mathrm{Categorical}(W)` draws (returned sorted around the pinned slot).
+* *Systematic / stratified* ("conditional systematic"): the sorted points are made
+  slot-exchangeable by a uniform random cyclic rotation :math:`c`,
+  :math:`u^m = s_{(m + c) \bmod M}` with :math:`s_j = (j + U_j)/M`, so that every
+  slot's point is :math:`U[0,1)`. Given :math:`A^p = p` the point of slot ``p`` is
+  uniform on the pinned particle's interval :math:`[C^{p-1}, C^p)`; it fixes its stratum
+  :math:`j_0`, its offset :math:`U_{j_0}` (hence :math:`U` for systematic) and
+  :math:`c = (j_0 - p) \bmod M`; the other :math:`U_j` stay i.i.d.
+
+**What "marginal" means.** In conditional SMC the reference's ancestor is a draw from
+the weights, so the statement is: if ``pinned`` :math:`\sim W` (and ``pinned < M``), the
+joint law of ``(pinned, ancestors)`` is that of the unconditional, rotation-randomised
+scheme with :math:`A^p = p`; in particular the offspring counts have exactly the law of
+the unconditional scheme's counts and :math:`\mathbb E[N^i] = M W^i`. For a *fixed*
+``pinned``, the non-pinned slots have the conditional law above (for multinomial:
+:math:`M-1` i.i.d. draws, :math:`\mathbb E[N^i] = 1[i = p] + (M-1) W^i`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 from smcjax.types import Array, ArrayLike, PRNGKey
 
 __all__ = [
+    "ConditionalResampler",
     "Resampler",
+    "conditional_multinomial",
+    "conditional_stratified",
+    "conditional_systematic",
     "ess",
+    "get_conditional_resampler",
     "get_resampler",
     "log_normalize",
     "multinomial",
@@ -34,37 +146,83 @@ __all__ = [
     "systematic",
 ]
 
-Resampler = Callable[[PRNGKey, ArrayLike, int | None], Array]
+
+class Resampler(Protocol):
+    """``(key, log_weights, num_samples=None) -> int32 ancestors (M,)``."""
+
+    def __call__(  # noqa: D102
+        self, key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None
+    ) -> Array: ...
+
+
+class ConditionalResampler(Protocol):
+    """``(key, log_weights, pinned=0, num_samples=None) -> int32 ancestors (M,)``."""
+
+    def __call__(  # noqa: D102
+        self,
+        key: PRNGKey,
+        log_weights: ArrayLike,
+        pinned: ArrayLike = 0,
+        num_samples: int | None = None,
+    ) -> Array: ...
+
+
+# --------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------
 
 
 def _clean(log_weights: ArrayLike) -> Array:
+    """Validate; map NaN to -inf and +inf to "all the mass on the +inf entries"."""
     lw = jnp.asarray(log_weights)
     if lw.ndim != 1:
         raise ValueError(
             f"log_weights must be a 1-d array of shape (N,), got shape {lw.shape}"
         )
     if lw.shape[0] < 1:
-        raise ValueError("log_weights must contain at least one particle")
+        raise ValueError("log_weights must contain at least one particle (N >= 1)")
     if not jnp.issubdtype(lw.dtype, jnp.floating):
         lw = lw.astype(jnp.float32)
-    return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+    lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+    has_pos_inf = jnp.any(lw == jnp.inf)
+    return jnp.where(has_pos_inf, jnp.where(lw == jnp.inf, 0.0, -jnp.inf), lw)
+
+
+def _weights(lw: Array) -> tuple[Array, Array]:
+    """Unnormalised weights ``exp(ℓ - max ℓ)`` in ``[0, 1]`` and the max.
+
+    The largest weight is exactly 1, so the total lies in ``[1, N]``. When every
+    weight is zero the weights are all ones (the uniform fallback).
+    """
+    m = jnp.max(lw)
+    finite = jnp.isfinite(m)
+    w = jnp.exp(lw - jnp.where(finite, m, 0.0))
+    return jnp.where(finite, w, jnp.ones_like(w)), m
 
 
 def log_normalize(log_weights: ArrayLike) -> tuple[Array, Array]:
-    """Normalise log-weights.
+    r"""Normalise log-weights.
 
-    Returns ``(log W, log Σ exp ℓ)``. When all weights are zero the normalised
-    log-weights are uniform, ``-log N``, and the log-sum is ``-inf``.
+    Parameters
+    ----------
+    log_weights
+        ``(N,)`` unnormalised log-weights :math:`\ell` (``-inf`` allowed).
+
+    Returns
+    -------
+    log_W, log_sum
+        :math:`\log W^i = \ell^i - \log \sum_j e^{\ell^j}` and
+        :math:`\log \sum_j e^{\ell^j}`. When every weight is zero ``log_W`` is uniform,
+        :math:`-\log N`, and ``log_sum`` is ``-inf`` (the degenerate-weights flag).
     """
     lw = _clean(log_weights)
     n = lw.shape[0]
     m = jnp.max(lw)
     finite = jnp.isfinite(m)
     shift = jnp.where(finite, m, 0.0)
-    s = jnp.sum(jnp.exp(lw - shift))
-    log_sum = jnp.where(finite, shift + jnp.log(s), -jnp.inf)
+    log_sum = shift + jnp.log(jnp.sum(jnp.exp(lw - shift)))
     log_w = jnp.where(finite, lw - log_sum, -jnp.log(float(n)))
-    return log_w, log_sum
+    return log_w, jnp.where(finite, log_sum, -jnp.inf)
 
 
 def normalize(log_weights: ArrayLike) -> Array:
@@ -73,78 +231,398 @@ def normalize(log_weights: ArrayLike) -> Array:
 
 
 def ess(log_weights: ArrayLike) -> Array:
-    """Effective sample size ``1 / Σ_i (W^i)^2`` of unnormalised log-weights.
+    r"""Effective sample size :math:`1 / \sum_i (W^i)^2` of unnormalised log-weights.
 
-    Returns a value in ``[1, N]``, or ``0`` when every weight is zero (all ``-inf``).
+    Returns a value in ``[1, N]``, or ``0`` when every weight is zero (all ``-inf`` or
+    ``NaN``): the degenerate-weights flag.
     """
     lw = _clean(log_weights)
-    m = jnp.max(lw)
-    finite = jnp.isfinite(m)
-    shift = jnp.where(finite, m, 0.0)
-    w = jnp.exp(lw - shift)
+    w, m = _weights(lw)
     out = jnp.square(jnp.sum(w)) / jnp.sum(jnp.square(w))
-    return jnp.where(finite, out, 0.0)
+    return jnp.where(jnp.isfinite(m), out, jnp.zeros_like(out))
 
 
-def _num(log_weights: Array, num_samples: int | None) -> int:
-    m = log_weights.shape[0] if num_samples is None else int(num_samples)
-    if m < 1:
+# --------------------------------------------------------------------------------------
+# Fast building blocks
+# --------------------------------------------------------------------------------------
+
+_BLOCK = 16
+_EXACT_F32_INT = 2**24
+
+
+def _cumsum(x: Array) -> Array:
+    """Inclusive prefix sum of a 1-d float array by blocked triangular matmuls.
+
+    Within a row of ``_BLOCK`` entries every prefix is the same fixed-order dot
+    product, so it is monotone and adding a zero leaves it unchanged; row totals are
+    summed recursively. Exact for integer-valued float32 inputs whose total is below
+    ``2**24``.
+    """
+    n = x.shape[0]
+    if n <= 4 * _BLOCK:
+        tri = jnp.triu(jnp.ones((n, n), x.dtype))
+        return jnp.dot(x, tri, precision=lax.Precision.HIGHEST)
+    rows = -(-n // _BLOCK)
+    pad = rows * _BLOCK - n
+    xb = (jnp.pad(x, (0, pad)) if pad else x).reshape(rows, _BLOCK)
+    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), x.dtype))
+    within = jnp.dot(xb, tri, precision=lax.Precision.HIGHEST)
+    totals = _cumsum(within[:, -1])
+    offsets = jnp.concatenate([jnp.zeros((1,), x.dtype), totals[:-1]])
+    out = (within + offsets[:, None]).reshape(-1)
+    return out[:n] if pad else out
+
+
+def _int_cumsum(counts: Array, bound: int) -> Array:
+    """Exact inclusive prefix sum of non-negative integers whose total is <= bound."""
+    if bound < _EXACT_F32_INT:
+        return _cumsum(counts.astype(jnp.float32)).astype(jnp.int32)
+    return jnp.cumsum(counts.astype(jnp.int32))
+
+
+def _ancestors_from_ranks(ranks: Array, w: Array, num_samples: int) -> Array:
+    r"""Merge step: :math:`A^m = \#\{i : K^i \le m\}` from the ranks :math:`K^i`.
+
+    ``ranks`` (N,) are :math:`K^i = \#\{m : u^m < C^i\}` (non-decreasing, last = M).
+    Slots that rounding sent to a zero-weight particle are moved to a neighbour.
+    """
+    n = ranks.shape[0]
+    m = num_samples
+    # Particles at or after the last one with positive weight close the range.
+    idx = jnp.arange(n, dtype=jnp.int32)
+    last_pos = jnp.max(jnp.where(w > 0, idx, 0))
+    ranks = jnp.where(idx >= last_pos, m, jnp.clip(ranks, 0, m))
+    hist = jax.ops.segment_sum(
+        jnp.ones((n,), jnp.int32), ranks, m + 1, indices_are_sorted=True
+    )
+    anc = _int_cumsum(hist[:m], n)
+    anc = jnp.clip(anc, 0, n - 1)
+    # Rounding guard: never a zero-weight particle (probability O(2^-24 M) events).
+    bad = w[anc] <= 0
+    prev = jnp.concatenate([anc[:1], anc[:-1]])
+    nxt = jnp.concatenate([anc[1:], anc[-1:]])
+    fallback = jnp.where(w[prev] > 0, prev, jnp.where(w[nxt] > 0, nxt, jnp.argmax(w)))
+    return jnp.where(bad, fallback, anc).astype(jnp.int32)
+
+
+def _scaled_cdf(w: Array, num_samples: int) -> Array:
+    """``M C^i / C^N`` with ``C`` the blocked prefix sum (last entry exactly ``M``)."""
+    c = _cumsum(w)
+    return c * (num_samples / c[-1])
+
+
+def _sorted_uniforms(key: PRNGKey, count: int, total: int, dtype) -> Array:
+    r"""Order statistics of ``count`` uniforms, padded to ``total`` with ``2.0``.
+
+    Exponential spacings: with :math:`E_0, \dots, E_{R}` i.i.d. Exp(1) and
+    :math:`S_j = \sum_{l \le j} E_l`, :math:`(S_0, \dots, S_{R-1}) / S_R` are the order
+    statistics of :math:`R` i.i.d. :math:`U[0,1)`. ``count`` may be traced
+    (``0 <= count <= total``).
+    """
+    e = jax.random.exponential(key, (total + 1,), dtype)
+    s = _cumsum(e)
+    j = jnp.arange(total)
+    return jnp.where(j < count, s[:total] / s[count], 2.0).astype(dtype)
+
+
+def _rank_in_sorted(points: Array, x: Array) -> Array:
+    r"""``#{j : points_j < x_i}`` for sorted ``points`` (values >= 1 ignored).
+
+    A guide table over ``G = len(points)`` equal cells (each holds ~Poisson(1) of
+    uniformly spread points), then a binary search inside the cell of ``x_i``.
+    """
+    g = points.shape[0]
+    cell_p = jnp.clip(jnp.floor(points * g), 0, g).astype(jnp.int32)
+    hist = jax.ops.segment_sum(
+        jnp.ones((g,), jnp.int32), cell_p, g + 1, indices_are_sorted=True
+    )
+    ends = _int_cumsum(hist, g)
+    starts = ends - hist
+    cell_x = jnp.clip(jnp.floor(x * g), 0, g).astype(jnp.int32)
+    lo, hi = starts[cell_x], ends[cell_x]
+    # Invariant: points[lo'] < x for lo' < lo, points[hi'] >= x for hi' >= hi.
+
+    def cond(state):
+        lo, hi = state
+        return jnp.any(lo < hi)
+
+    def body(state):
+        lo, hi = state
+        mid = (lo + hi) // 2
+        below = points[jnp.clip(mid, 0, g - 1)] < x
+        active = lo < hi
+        return (
+            jnp.where(active & below, mid + 1, lo),
+            jnp.where(active & ~below, mid, hi),
+        )
+
+    lo, _ = lax.while_loop(cond, body, (lo, hi))
+    return lo
+
+
+def _num(n: int, num_samples: int | None) -> int:
+    if num_samples is None:
+        return n
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
+        raise TypeError(
+            f"num_samples must be a static Python int (or None), got {num_samples!r}"
+        )
+    if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    return m
+    return int(num_samples)
 
 
-def _inverse_cdf(sorted_uniforms: Array, weights: Array) -> Array:
-    """Indices ``i`` with ``C_{i-1} <= u < C_i`` for sorted ``u`` in ``[0, C_N)``."""
-    cdf = jnp.cumsum(weights)
-    u = sorted_uniforms * cdf[-1]
-    idx = jnp.searchsorted(cdf, u, side="right")
-    last_positive = weights.shape[0] - 1 - jnp.argmax(weights[::-1] > 0)
-    return jnp.minimum(idx, last_positive).astype(jnp.int32)
+# --------------------------------------------------------------------------------------
+# Standard resamplers
+# --------------------------------------------------------------------------------------
 
 
-def multinomial(key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None) -> Array:
-    """Multinomial resampling: ``A^m ~ Categorical(W)`` i.i.d."""
+def _systematic_ranks(y: Array, u: Array, m: int) -> Array:
+    # #{j in [0, M) : j + U < y}
+    return jnp.clip(jnp.ceil(y - u), 0, m).astype(jnp.int32)
+
+
+def _stratified_ranks(y: Array, u: Array, m: int) -> Array:
+    # #{j in [0, M) : j + U_j < y}: the strata below s = floor(y), plus s if U_s < y - s
+    s = jnp.clip(jnp.floor(y), 0, m).astype(jnp.int32)
+    us = u[jnp.minimum(s, m - 1)]
+    return jnp.where(s < m, s + (us < y - s).astype(jnp.int32), m)
+
+
+def systematic(
+    key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None
+) -> Array:
+    r"""Systematic resampling: :math:`u^m = (m + U)/M`, one :math:`U \sim U[0,1)`.
+
+    Parameters
+    ----------
+    key
+        PRNG key.
+    log_weights
+        ``(N,)`` unnormalised log-weights (``-inf``/``NaN`` = weight zero).
+    num_samples
+        Static number of ancestors ``M`` (default ``N``).
+
+    Returns
+    -------
+    ancestors
+        ``(M,)`` ``int32``, sorted; particle ``i`` gets :math:`\lfloor M W^i \rfloor` or
+        :math:`\lceil M W^i \rceil` copies.
+    """
     lw = _clean(log_weights)
-    m = _num(lw, num_samples)
-    w = normalize(lw)
-    u = jnp.sort(jax.random.uniform(key, (m,)))
-    idx = _inverse_cdf(u, w)
-    # i.i.d. draws: randomise the order of the sorted uniforms' indices.
-    return jax.random.permutation(jax.random.fold_in(key, 1), idx)
+    m = _num(lw.shape[0], num_samples)
+    w, _ = _weights(lw)
+    u = jax.random.uniform(key, (), w.dtype)
+    ranks = _systematic_ranks(_scaled_cdf(w, m), u, m)
+    return _ancestors_from_ranks(ranks, w, m)
 
 
-def stratified(key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None) -> Array:
-    """Stratified resampling: ``u^m = (m + U^m) / M`` with independent ``U^m``."""
+def stratified(
+    key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None
+) -> Array:
+    r"""Stratified resampling: :math:`u^m = (m + U^m)/M`, :math:`U^m \sim U[0,1)` i.i.d.
+
+    Same parameters and output as :func:`systematic`.
+    """
     lw = _clean(log_weights)
-    m = _num(lw, num_samples)
-    u = (jnp.arange(m) + jax.random.uniform(key, (m,))) / m
-    return _inverse_cdf(u, normalize(lw))
+    m = _num(lw.shape[0], num_samples)
+    w, _ = _weights(lw)
+    u = jax.random.uniform(key, (m,), w.dtype)
+    ranks = _stratified_ranks(_scaled_cdf(w, m), u, m)
+    return _ancestors_from_ranks(ranks, w, m)
 
 
-def systematic(key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None) -> Array:
-    """Systematic resampling: ``u^m = (m + U) / M`` with a single ``U``."""
+def _multinomial_sorted(key: PRNGKey, w: Array, m: int) -> Array:
+    points = _sorted_uniforms(key, m, m, w.dtype)
+    c = _cumsum(w)
+    ranks = _rank_in_sorted(points, c / c[-1])
+    return _ancestors_from_ranks(ranks, w, m)
+
+
+def multinomial(
+    key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None
+) -> Array:
+    r"""Multinomial resampling: ``M`` i.i.d. :math:`\mathrm{Categorical}(W)` draws.
+
+    The draws are returned sorted: ``ancestors`` is distributed as the order statistics
+    of ``M`` i.i.d. categorical draws, so the offspring counts are exactly
+    :math:`\mathrm{Multinomial}(M, W)` (see the module notes on order). Same parameters
+    as :func:`systematic`.
+    """
     lw = _clean(log_weights)
-    m = _num(lw, num_samples)
-    u = (jnp.arange(m) + jax.random.uniform(key, ())) / m
-    return _inverse_cdf(u, normalize(lw))
+    m = _num(lw.shape[0], num_samples)
+    w, _ = _weights(lw)
+    return _multinomial_sorted(key, w, m)
 
 
-def residual(key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None) -> Array:
-    """Residual resampling: ``⌊M W^i⌋`` deterministic copies, the rest multinomial."""
+def residual(
+    key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None
+) -> Array:
+    r"""Residual resampling.
+
+    Particle ``i`` gets :math:`\lfloor M W^i \rfloor` copies; the remaining
+    :math:`R = M - \sum_i \lfloor M W^i \rfloor` ancestors are multinomial with
+    probabilities proportional to :math:`M W^i - \lfloor M W^i \rfloor`. Same parameters
+    as :func:`systematic`; output sorted.
+    """
     lw = _clean(log_weights)
     n = lw.shape[0]
-    m = _num(lw, num_samples)
-    w = normalize(lw)
-    counts = jnp.floor(m * w).astype(jnp.int32)
-    # guard against float round-up beyond M
-    counts = jnp.where(jnp.cumsum(counts) <= m, counts, 0)
-    n_det = jnp.sum(counts)
-    det = jnp.repeat(jnp.arange(n, dtype=jnp.int32), counts, total_repeat_length=m)
-    resid = jnp.clip(m * w - counts, 0.0)
-    resid = jnp.where(jnp.sum(resid) > 0, resid, w)
-    extra = multinomial(key, jnp.log(resid), m)
-    return jnp.where(jnp.arange(m) < n_det, det, extra).astype(jnp.int32)
+    m = _num(n, num_samples)
+    w, _ = _weights(lw)
+    c = _cumsum(w)
+    mw = w * (m / c[-1])
+    det = jnp.floor(mw)
+    res = jnp.where(w > 0, mw - det, 0.0)
+    det = det.astype(jnp.int32)
+    det_ranks = _int_cumsum(det, m + n)
+    r = jnp.clip(m - det_ranks[-1], 0, min(n, m))
+    cap = min(n, m)
+    points = _sorted_uniforms(key, r, cap, w.dtype)
+    cr = _cumsum(res)
+    tot = cr[-1]
+    x = jnp.where(tot > 0, cr / jnp.where(tot > 0, tot, 1.0), 1.0)
+    ranks = det_ranks + _rank_in_sorted(points, x)
+    return _ancestors_from_ranks(ranks, w, m)
 
+
+# --------------------------------------------------------------------------------------
+# Conditional resamplers
+# --------------------------------------------------------------------------------------
+
+
+def _pinned(pinned: ArrayLike, n: int, m: int) -> Array:
+    bound = min(n, m)
+    if isinstance(pinned, int | np.integer) and not isinstance(pinned, bool):
+        if not 0 <= pinned < bound:
+            raise ValueError(
+                f"pinned must be in [0, min(N, num_samples)) = [0, {bound}), "
+                f"got {pinned}"
+            )
+    p = jnp.asarray(pinned)
+    if p.ndim != 0 or not jnp.issubdtype(p.dtype, jnp.integer):
+        raise ValueError(f"pinned must be an integer scalar, got {pinned!r}")
+    # Traced values cannot be checked; they are clipped into range.
+    return jnp.clip(p, 0, bound - 1).astype(jnp.int32)
+
+
+def conditional_multinomial(
+    key: PRNGKey,
+    log_weights: ArrayLike,
+    pinned: ArrayLike = 0,
+    num_samples: int | None = None,
+) -> Array:
+    r"""Conditional multinomial resampling for conditional SMC.
+
+    Returns ancestors with ``ancestors[pinned] == pinned``; the other ``M - 1`` slots
+    are i.i.d. :math:`\mathrm{Categorical}(W)` draws (the conditional law of
+    multinomial resampling given :math:`A^p = p`), sorted around the pinned slot.
+
+    Parameters
+    ----------
+    key
+        PRNG key.
+    log_weights
+        ``(N,)`` unnormalised log-weights.
+    pinned
+        Integer scalar (may be traced) in ``[0, min(N, M))``: the slot of the
+        reference particle, which is also its ancestor. Traced values are clipped.
+    num_samples
+        Static ``M`` (default ``N``).
+
+    Returns
+    -------
+    ancestors
+        ``(M,)`` ``int32``. If ``pinned`` :math:`\sim W`, the counts are exactly
+        :math:`\mathrm{Multinomial}(M, W)`.
+    """
+    lw = _clean(log_weights)
+    n = lw.shape[0]
+    m = _num(n, num_samples)
+    p = _pinned(pinned, n, m)
+    slots = jnp.arange(m, dtype=jnp.int32)
+    if m == 1:
+        return jnp.broadcast_to(p, (1,)).astype(jnp.int32)
+    w, _ = _weights(lw)
+    others = _multinomial_sorted(key, w, m - 1)
+    shifted = others[jnp.clip(slots - 1, 0, m - 2)]
+    body = jnp.where(slots < p, others[jnp.minimum(slots, m - 2)], shifted)
+    return jnp.where(slots == p, p, body).astype(jnp.int32)
+
+
+def _conditional_inverse_cdf(
+    key: PRNGKey,
+    log_weights: ArrayLike,
+    pinned: ArrayLike,
+    num_samples: int | None,
+    stratified_points: bool,
+) -> Array:
+    lw = _clean(log_weights)
+    n = lw.shape[0]
+    m = _num(n, num_samples)
+    p = _pinned(pinned, n, m)
+    w, _ = _weights(lw)
+    k_point, k_u = jax.random.split(key)
+    y = _scaled_cdf(w, m)  # M C^i, last entry M
+    # The pinned slot's point, uniform on the pinned particle's interval (scaled by M).
+    y_hi = y[p]
+    y_lo = jnp.where(p > 0, y[jnp.maximum(p - 1, 0)], 0.0)
+    v = jax.random.uniform(k_point, (), w.dtype)
+    point = jnp.clip(y_lo + v * (y_hi - y_lo), 0.0, jnp.nextafter(float(m), 0.0))
+    j0 = jnp.clip(jnp.floor(point), 0, m - 1).astype(jnp.int32)
+    u0 = jnp.clip(point - j0, 0.0, 1.0)
+    if stratified_points:
+        u = jax.random.uniform(k_u, (m,), w.dtype).at[j0].set(u0)
+        ranks = _stratified_ranks(y, u, m)
+    else:
+        ranks = _systematic_ranks(y, u0, m)
+    sorted_anc = _ancestors_from_ranks(ranks, w, m)
+    # Rotate so that slot p holds the point of stratum j0: A^q = S[(j0 + q - p) mod M].
+    slots = jnp.arange(m, dtype=jnp.int32)
+    anc = sorted_anc[jnp.mod(j0 + slots - p, m)]
+    return jnp.where(slots == p, p, anc).astype(jnp.int32)
+
+
+def conditional_systematic(
+    key: PRNGKey,
+    log_weights: ArrayLike,
+    pinned: ArrayLike = 0,
+    num_samples: int | None = None,
+) -> Array:
+    r"""Conditional systematic resampling (Chopin & Singh, 2015) for conditional SMC.
+
+    The unconditional scheme is systematic resampling with a uniform random cyclic
+    rotation of the slots, under which every slot's point is :math:`U[0,1)`. Given that
+    slot ``p`` = ``pinned`` selects particle ``p``, its point is uniform on
+    :math:`[C^{p-1}, C^p)`; this fixes :math:`U` and the rotation, and the others are
+    :math:`A^q = F^{-1}\big((u^p + (q - p)/M) \bmod 1\big)`.
+
+    Parameters and return value as :func:`conditional_multinomial`. If
+    ``pinned`` :math:`\sim W`, the offspring counts have exactly the law of
+    :func:`systematic`'s counts.
+    """
+    return _conditional_inverse_cdf(key, log_weights, pinned, num_samples, False)
+
+
+def conditional_stratified(
+    key: PRNGKey,
+    log_weights: ArrayLike,
+    pinned: ArrayLike = 0,
+    num_samples: int | None = None,
+) -> Array:
+    r"""Conditional stratified resampling for conditional SMC.
+
+    As :func:`conditional_systematic`, with independent offsets :math:`U_j` in the
+    strata: given the pinned slot's point (uniform on :math:`[C^{p-1}, C^p)`), its
+    stratum's offset and the rotation are fixed and the other offsets stay i.i.d.
+    If ``pinned`` :math:`\sim W`, the counts have exactly the law of
+    :func:`stratified`'s counts.
+    """
+    return _conditional_inverse_cdf(key, log_weights, pinned, num_samples, True)
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
 
 _RESAMPLERS: dict[str, Resampler] = {
     "multinomial": multinomial,
@@ -153,15 +631,55 @@ _RESAMPLERS: dict[str, Resampler] = {
     "residual": residual,
 }
 
+_CONDITIONAL_RESAMPLERS: dict[str, ConditionalResampler] = {
+    "multinomial": conditional_multinomial,
+    "stratified": conditional_stratified,
+    "systematic": conditional_systematic,
+}
+
 
 def get_resampler(resampling: str | Resampler) -> Resampler:
-    """Look up a resampler by name, or pass a callable through."""
+    """Look up a resampler by name, or pass a callable through.
+
+    Raises
+    ------
+    ValueError
+        If ``resampling`` is an unknown name (the message lists the known ones).
+    """
     if callable(resampling):
         return resampling
     try:
         return _RESAMPLERS[resampling]
-    except KeyError:
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown resampling={resampling!r}; expected one of "
             f"{sorted(_RESAMPLERS)} or a callable (key, log_weights, num_samples)"
+        ) from None
+
+
+def get_conditional_resampler(
+    resampling: str | ConditionalResampler,
+) -> ConditionalResampler:
+    """Look up a conditional resampler by name, or pass a callable through.
+
+    Names: ``"multinomial"``, ``"systematic"``, ``"stratified"`` (a ``"conditional_"``
+    prefix is accepted).
+
+    Raises
+    ------
+    ValueError
+        If ``resampling`` is an unknown name (the message lists the known ones).
+    """
+    if callable(resampling):
+        return resampling
+    name = resampling
+    if isinstance(name, str) and name.startswith("conditional_"):
+        name = name[len("conditional_") :]
+    try:
+        return _CONDITIONAL_RESAMPLERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown conditional resampling={resampling!r}; expected one of "
+            f"{sorted(_CONDITIONAL_RESAMPLERS)} or a callable "
+            "(key, log_weights, pinned, num_samples)"
         ) from None
