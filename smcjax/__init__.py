@@ -7,9 +7,10 @@ SMC (:mod:`smcjax.tempered`), particle Gibbs (:mod:`smcjax.pgibbs`), parallel te
 scaling (:mod:`smcjax.llm`).
 """
 
-from smcjax import resampling
+from smcjax import kalman, resampling, smoothing, ssm
 from smcjax.core import FeynmanKac, SMCInfo, SMCResult, SMCState, smc
 from smcjax.resampling import ess
+from smcjax.ssm import StateSpaceModel, particle_filter
 
 __version__ = "0.1.0"
 
@@ -18,7 +19,12 @@ __all__ = [
     "SMCInfo",
     "SMCResult",
     "SMCState",
+    "StateSpaceModel",
     "ess",
+    "kalman",
+    "particle_filter",
     "resampling",
     "smc",
+    "smoothing",
+    "ssm",
 ]
