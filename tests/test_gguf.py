@@ -422,6 +422,12 @@ def test_float32_cache_roundtrip(qwen_file):
     for name in src:
         np.testing.assert_array_equal(cached.tensors[name], direct.tensors[name])
         np.testing.assert_array_equal(again.tensors[name], direct.tensors[name])
+    # a new version of the file (new mtime) replaces the old entry instead of adding one
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    read_gguf(path, tokenizer=False, float32_cache=True)
+    now = list((pathlib.Path(os.environ["SMCJAX_CACHE"]) / "float32").iterdir())
+    assert len(now) == 1 and now[0] != files[0]
 
 
 def test_llama3_rope_scaling_recovered(tmp_path):

