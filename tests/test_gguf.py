@@ -430,6 +430,22 @@ def test_float32_cache_roundtrip(qwen_file):
     assert len(now) == 1 and now[0] != files[0]
 
 
+def test_float32_cache_unwritable_falls_back(qwen_file, monkeypatch):
+    import smcjax.llm.gguf as g
+
+    path, src, _ = qwen_file
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(g, "_write_safetensors", fail)
+    with pytest.warns(UserWarning, match="could not write the float32 cache"):
+        ck = read_gguf(path, tokenizer=False, float32_cache=True)
+    direct = read_gguf(path, tokenizer=False, float32_cache=False)
+    for name in src:
+        np.testing.assert_array_equal(ck.tensors[name], direct.tensors[name])
+
+
 def test_llama3_rope_scaling_recovered(tmp_path):
     # head_dim 16, theta 1e4: wavelengths 2π·10^(i/2) = 6.3, 20, 63, 199, 628, ...;
     # with L0 = 700 and (low, high) = (1, 8) two of them (199, 628) are interpolated

@@ -64,6 +64,7 @@ __all__ = [
     "SUPPORTED_ARCHITECTURES",
     "GGUFCheckpoint",
     "GGUFError",
+    "GGUFHeader",
     "GGUFTensorInfo",
     "LazyTensors",
     "read_gguf",
@@ -155,7 +156,9 @@ class GGUFTensorInfo(NamedTuple):
     nbytes: int
 
 
-class _Header(NamedTuple):
+class GGUFHeader(NamedTuple):
+    """Metadata and tensor descriptors of a GGUF file (see :func:`read_gguf_header`)."""
+
     version: int
     metadata: dict[str, Any]
     tensors: dict[str, GGUFTensorInfo]
@@ -260,7 +263,7 @@ def _open_buffer(path: pathlib.Path) -> tuple[Any, int]:
         return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ), size
 
 
-def read_gguf_header(path: str | os.PathLike[str]) -> _Header:
+def read_gguf_header(path: str | os.PathLike[str]) -> GGUFHeader:
     """Parse the metadata and tensor descriptors of a GGUF file (no tensor data).
 
     Parameters
@@ -328,7 +331,7 @@ def read_gguf_header(path: str | os.PathLike[str]) -> _Header:
                 f"[{start}, {start + nbytes}) but the file has {size} bytes"
             )
         tensors[name] = GGUFTensorInfo(name, shape, gtype, start, nbytes)
-    return _Header(version, metadata, tensors, data_offset, size)
+    return GGUFHeader(version, metadata, tensors, data_offset, size)
 
 
 def _ggml_type(gtype: int) -> Any:
@@ -482,7 +485,7 @@ def _meta(meta: dict[str, Any], key: str, default: Any = None) -> Any:
 
 def _build_config(
     path: pathlib.Path,
-    header: _Header,
+    header: GGUFHeader,
     rope_freqs: np.ndarray | None,
 ) -> dict[str, Any]:
     meta = header.metadata
@@ -889,10 +892,22 @@ def read_gguf(
         float32_cache = cache and _is_under(path, _cache_root())
     if float32_cache:
         st_file = _cache_root() / "float32" / f"{_file_key(path)}.safetensors"
-        if not _safetensors_complete(st_file, shapes):
+        ready = _safetensors_complete(st_file, shapes)
+        if not ready:
             _drop_stale(st_file.parent, st_file.stem)
-            _write_safetensors(st_file, list(loaders), shapes, lambda n: loaders[n]())
-        loaders = {hf: _safetensors_loader(st_file, hf) for hf in loaders}
+            try:
+                _write_safetensors(
+                    st_file, list(loaders), shapes, lambda n: loaders[n]()
+                )
+                ready = True
+            except OSError as err:  # read-only or full cache: dequantise instead
+                import warnings
+
+                warnings.warn(
+                    f"could not write the float32 cache {st_file}: {err}", stacklevel=2
+                )
+        if ready:
+            loaders = {hf: _safetensors_loader(st_file, hf) for hf in loaders}
 
     tensors: Mapping[str, np.ndarray] = LazyTensors(loaders, shapes)
     if not lazy:
