@@ -114,6 +114,12 @@ def _left_expression(text: str, eq: int) -> str:
     """Return the arithmetic expression just before the ``=`` at ``eq``."""
     i = eq
     while i > 0 and text[i - 1] in _LHS_CHARS:
+        c = text[i - 1]
+        # a comma is a thousands separator only between digits ("1,200"), else prose
+        if c == "," and not (
+            i >= 2 and text[i - 2].isdigit() and text[i : i + 1].isdigit()
+        ):
+            break
         i -= 1
     lhs = text[i:eq]
     # trim prose at the front: stray separators, operators, a word ending in "x"
