@@ -230,7 +230,9 @@ def test_embedded_model_greedy_matches_transformers():
     print("transformers:", repr(tok.decode(theirs)))
     print("smcjax      :", repr(tok.decode(mine)))
     assert mine == theirs
-    # the prompt's last-position logits agree closely too (float32 on both sides)
+    # the prompt's last-position logits agree too: same float32 weights on both sides,
+    # so only summation order differs — ~1e-6 relative per op over 24 layers on
+    # logits of size ~20 is < 1e-3 (measured: 1.5e-5)
     our_logits = np.asarray(lm.logits(np.asarray([ids], np.int32)))[0, -1]
     print("max |logit diff|:", np.max(np.abs(our_logits - ref_logits)))
-    assert np.max(np.abs(our_logits - ref_logits)) < 2e-3
+    assert np.max(np.abs(our_logits - ref_logits)) < 1e-3
