@@ -68,6 +68,15 @@ def test_resolve_assembles_verifies_and_caches(fake_model, tmp_path):
     path.write_bytes(b"x" * len(whole))
     os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
     assert hub.resolve("fake-model").read_bytes() == whole
+    # temporary files abandoned by an interrupted assembly (> 1 h old) are removed
+    stale = path.parent / ".tmp-abandoned.part"
+    stale.write_bytes(b"junk")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    fresh = path.parent / ".tmp-inflight.part"
+    fresh.write_bytes(b"in progress")
+    path.unlink()
+    assert hub.resolve("fake-model").read_bytes() == whole
+    assert not stale.exists() and fresh.exists()
     # an explicit cache directory
     other = hub.resolve("fake", cache=tmp_path / "elsewhere")
     assert other.parent == tmp_path / "elsewhere" / "models"
@@ -124,12 +133,12 @@ def test_default_source_is_consistent():
     ]
 
 
-def test_package_lookup_does_not_import(monkeypatch):
-    import sys
-
-    monkeypatch.delitem(sys.modules, "json.tool", raising=False)
-    d = hub._package_dir("json")
-    assert d is not None and (d / "__init__.py").is_file()
+def test_package_lookup_does_not_import(tmp_path, monkeypatch):
+    pkg = tmp_path / "boom_parts_pkg"
+    (pkg / "data").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('imported!')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert hub._package_dir("boom_parts_pkg") == pkg
     assert hub._package_dir("surely_not_a_package_xyz") is None
 
 

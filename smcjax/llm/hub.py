@@ -214,6 +214,17 @@ def _atomic_write_text(target: pathlib.Path, text: str) -> None:
     os.replace(tmp, target)
 
 
+def _remove_abandoned(directory: pathlib.Path, age_s: float = 3600.0) -> None:
+    """Delete temporary files older than ``age_s`` left by interrupted assemblies."""
+    import time
+
+    now = time.time()
+    for tmp in directory.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > age_s:
+                tmp.unlink()
+
+
 def _assemble(source: ModelSource, target: pathlib.Path) -> None:
     files = _part_files(source)
     for (package, _, size), file in zip(source.parts, files, strict=True):
@@ -225,6 +236,7 @@ def _assemble(source: ModelSource, target: pathlib.Path) -> None:
                 f"reinstall with: {source.install_hint}"
             )
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target.parent)
     digest = hashlib.sha256()
     total = 0
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".part")
