@@ -1,4 +1,4 @@
-"""Rewards: aggregations, self-certainty, arithmetic verifier, LLM judge (tiny models)."""
+"""Rewards: aggregations, self-certainty, arithmetic verifier, LLM judge."""
 
 import math
 

@@ -27,11 +27,12 @@ its reward bookkeeping (all with the particle axis first, so resampling is the e
     :math:`\mathrm{softmax}(\ell_t / \tau)` (``softmax_temperature`` τ = 1);
   - ``weights="fk"``: a proper Feynman–Kac model, :math:`\log G_t = (\log r_t - \log
     r_{t-1}) / \tau` with :math:`r_{-1} = 1`, so :math:`\prod_s G_s = r_t^{1/\tau}`
-    telescopes, resampling is ESS-triggered (``ess_threshold = 0.5``) and ``log_evidence``
-    estimates :math:`\log \mathbb{E}_{p_{LM}}[r_T^{1/\tau}]`;
+    telescopes, resampling is ESS-triggered (``ess_threshold = 0.5``) and
+    ``log_evidence`` estimates :math:`\log \mathbb{E}_{p_{LM}}[r_T^{1/\tau}]`;
   - ``weights="entropic"``: as ``"paper"`` with its_hub's ESS-tempered annealing: when
     the ESS of :math:`\mathrm{softmax}(\ell_t)` falls below ``ess_threshold·N`` in the
-    first ``early_phase`` of the step budget, :math:`\tau_t = \max(1, (1 - t/T) / (\mathrm{ESS}/N))`.
+    first ``early_phase`` of the step budget,
+    :math:`\tau_t = \max(1, (1 - t/T) / (\mathrm{ESS}/N))`.
 
 * Final answer: the particle with the highest final reward (``select="argmax"``), or a
   weighted vote of the extracted answers with the final weights (``select="vote"``).
@@ -74,11 +75,13 @@ __all__ = [
     "LLMParticles",
     "PFOptions",
     "ParticleFilterResult",
+    "best_of_n",
     "format_prompt",
+    "greedy",
     "llm_feynman_kac",
     "particle_filter",
-    "pattern_table",
     "particle_filter_batch",
+    "pattern_table",
 ]
 
 SYSTEM_PROMPT = (
@@ -88,7 +91,7 @@ WEIGHTS = ("paper", "fk", "entropic")
 
 
 class PFOptions(NamedTuple):
-    """Static options of the LLM particle filter (hashable; see :func:`particle_filter`)."""
+    """Static options of the LLM particle filter (see :func:`particle_filter`)."""
 
     max_steps: int = 40
     step_cap: int = 96
@@ -104,7 +107,7 @@ class PFOptions(NamedTuple):
 
 
 class LLMParticles(NamedTuple):
-    """The particle pytree :math:`x_t` (every leaf has the particle axis first).
+    r"""The particle pytree :math:`x_t` (every leaf has the particle axis first).
 
     Attributes
     ----------
@@ -198,7 +201,7 @@ def llm_feynman_kac(
     tables: tuple[decoding.StopTable, decoding.StopTable],
     eos_ids: Array,
 ) -> FeynmanKac:
-    """The LLM particle filter as a vectorized :class:`~smcjax.FeynmanKac` model.
+    r"""Build the LLM particle filter as a vectorized :class:`~smcjax.FeynmanKac`.
 
     Parameters
     ----------
@@ -212,7 +215,7 @@ def llm_feynman_kac(
         ``reward.prepare(question)``.
     opts : PFOptions
     tables
-        Stop automata for ``"\\n\\n"`` (ends a step) and ``"\\boxed"`` (ends a particle).
+        Automata for ``"\\n\\n"`` (ends a step) and ``"\\boxed"`` (ends a particle).
     eos_ids
         End-of-sequence ids.
     """
@@ -497,7 +500,7 @@ def _executable(
 
 
 class ParticleFilterResult(NamedTuple):
-    """Result of :func:`particle_filter` (host-side, NumPy and Python objects).
+    r"""Result of :func:`particle_filter` (host-side, NumPy and Python objects).
 
     Attributes
     ----------
@@ -595,9 +598,9 @@ def _to_result(tr: _Trace, tokenizer: Any, select: str, wall: float, comp: float
         scores.append(np.exp(tr.log_scores[i, :k]))
     answers = [extract_answer(t) for t in texts]
     log_r = tr.log_rewards
-    if select == "vote":
+    if select in ("vote", "majority"):
         w = np.exp(tr.log_weights - np.max(tr.log_weights))
-        answer = weighted_vote(answers, list(w))
+        answer = weighted_vote(answers, list(w) if select == "vote" else None)
         cands = [i for i in range(n) if answers[i] is not None and answers[i] == answer]
         selected = (
             max(cands, key=lambda i: log_r[i]) if cands else int(np.argmax(log_r))
@@ -633,8 +636,10 @@ def _to_result(tr: _Trace, tokenizer: Any, select: str, wall: float, comp: float
 
 def _options(**options: Any) -> tuple[PFOptions, str]:
     select = options.pop("select", "argmax")
-    if select not in ("argmax", "vote"):
-        raise ValueError(f"select must be 'argmax' or 'vote', got {select!r}")
+    if select not in ("argmax", "vote", "majority"):
+        raise ValueError(
+            f"select must be 'argmax', 'vote' or 'majority', got {select!r}"
+        )
     unknown = set(options) - set(PFOptions._fields)
     if unknown:
         raise TypeError(
@@ -814,3 +819,66 @@ def _check_n(num_particles: Any) -> int:
     if num_particles < 1:
         raise ValueError(f"num_particles must be >= 1, got {num_particles}")
     return int(num_particles)
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def best_of_n(
+    key: PRNGKey,
+    lm: Any,
+    reward: str | Reward,
+    question: str,
+    num_particles: int,
+    **options: Any,
+) -> ParticleFilterResult:
+    r"""Best-of-N: ``N`` independent solutions, the one with the highest final reward.
+
+    The same program as :func:`particle_filter` with ``weights="fk"`` and no
+    resampling (``ess_threshold=0``): the samples are independent draws from the LM, and
+    the final weights are :math:`W^n \propto r_T^n` (the reward of each full solution;
+    with ``aggregation="model"`` the reward model acts as an outcome reward model).
+    """
+    opts = {**options, "weights": "fk", "ess_threshold": 0.0, "select": "argmax"}
+    return particle_filter(key, lm, reward, question, num_particles, **opts)
+
+
+def weighted_best_of_n(
+    key: PRNGKey,
+    lm: Any,
+    reward: str | Reward,
+    question: str,
+    num_particles: int,
+    **options: Any,
+) -> ParticleFilterResult:
+    """Weighted best-of-N: ``N`` independent solutions, answers voted with r_T."""
+    opts = {**options, "weights": "fk", "ess_threshold": 0.0, "select": "vote"}
+    return particle_filter(key, lm, reward, question, num_particles, **opts)
+
+
+def self_consistency(
+    key: PRNGKey,
+    lm: Any,
+    question: str,
+    num_particles: int,
+    reward: str | Reward = "self-certainty",
+    **options: Any,
+) -> ParticleFilterResult:
+    """Self-consistency (Wang et al. 2023): majority vote over ``N`` answers.
+
+    ``reward`` is only recorded (the default, self-certainty, costs nothing).
+    """
+    opts = {**options, "weights": "fk", "ess_threshold": 0.0, "select": "majority"}
+    return particle_filter(key, lm, reward, question, num_particles, **opts)
+
+
+def greedy(
+    key: PRNGKey, lm: Any, question: str, **options: Any
+) -> ParticleFilterResult:
+    """One greedy solution (temperature 0), with the same step bookkeeping and caps.
+
+    Splitting a greedy decode into steps does not change its tokens, so this is plain
+    greedy decoding up to the step and token caps; ``key`` is unused by the sampler.
+    """
+    opts = {**options, "temperature": 0.0, "ess_threshold": 0.0, "weights": "fk"}
+    return particle_filter(key, lm, "self-certainty", question, 1, **opts)

@@ -1,4 +1,4 @@
-r"""Rewards for step-level particle filtering: one interface, device-side where possible.
+r"""Rewards for step-level particle filtering: one interface, on device where possible.
 
 A reward scores a partial solution :math:`x_{1:t}` (the reasoning steps so far) with a
 number :math:`r_t \in (0, 1)`, read as "the probability that the solution is on track".
@@ -45,11 +45,11 @@ Rewards
 Why a ``pure_callback`` for the verifier: the check needs the tokenizer's ``decode`` and
 exact rational arithmetic on text, which have no device form; the callback keeps the
 whole filter one compiled program (a loop over steps, vmappable over questions) instead
-of a Python loop with a host round trip that would also block ``vmap``. It moves only the
-step's token ids (``N × step_cap`` int32) to the host once per step, negligible next to
-the decoding of that step. Scores: :math:`s = (c + 1) / (n + 2)` for ``c`` correct claims
-out of ``n`` (the posterior mean of a Beta(1, 1) "claim is right" rate), ``1/2`` when a
-step makes no claim; "model" aggregation uses the cumulative counts.
+of a Python loop with a host round trip that would also block ``vmap``. It moves only
+the step's token ids (``N × S`` int32) to the host once per step, negligible next to
+the decoding of that step. Scores: :math:`s = (c + 1) / (n + 2)` for ``c`` correct
+claims out of ``n`` (the posterior mean of a Beta(1, 1) "claim is right" rate),
+``1/2`` when a step makes no claim; "model" aggregation uses the cumulative counts.
 """
 
 from __future__ import annotations
@@ -141,9 +141,10 @@ class Reward(NamedTuple):
     init : callable
         ``init(params, prepared, num_particles, spec) -> state``.
     step : callable
-        ``step(params, state, inp, spec) -> (state, scores)`` with ``scores`` ``(N,)`` in
-        ``(0, 1)``; rows with ``inp.active == False`` may hold anything (the filter
-        keeps their previous score).
+        ``step(params, state, inp, spec) -> (state, scores)``, ``scores`` ``(N,)`` in
+        ``(0, 1)``. Rows with ``inp.active == False`` (finished particles) must keep
+        their state unchanged; their score may be anything (the filter keeps the old
+        one).
     extra_slots : int
         Policy cache slots the reward writes past the solution (the judge's question).
     """
@@ -194,8 +195,10 @@ def aggregate(log_scores: Array, num_steps: Array, aggregation: str) -> Array:
 
 
 def logit(log_r: Array) -> Array:
-    r""":math:`\log\frac{r}{1-r}` from :math:`\log r`, with :math:`r` clipped to
-    ``[1e-7, 1 - 1e-7]`` (stable for products of many small scores).
+    r"""Return :math:`\log\frac{r}{1-r}` from :math:`\log r`.
+
+    :math:`r` is clipped to ``[1e-7, 1 - 1e-7]``; the log input keeps products of many
+    small scores stable.
     """
     log_r = jnp.clip(log_r, jnp.log(_EPS), jnp.log1p(-_EPS))
     return log_r - jnp.log(-jnp.expm1(log_r))
@@ -314,7 +317,7 @@ def arithmetic_verifier(tokenizer: Any) -> Reward:
         return jnp.zeros((num_particles, 2), jnp.int32)  # cumulative (correct, claims)
 
     def step(params, state, inp: StepInput, spec: RewardSpec):
-        shape = jax.ShapeDtypeStruct(inp.start.shape + (2,), jnp.int32)
+        shape = jax.ShapeDtypeStruct((*inp.start.shape, 2), jnp.int32)
         counts = jax.pure_callback(
             host_check,
             shape,
@@ -344,7 +347,7 @@ _JUDGE_PLAIN = "\nQuestion: is the last step above correct? Answer Yes or No.\nA
 def llm_judge(
     tokenizer: Any, *, chat: bool | None = None, suffix: str | None = None
 ) -> Reward:
-    r"""The policy judging itself: :math:`s = P(\text{Yes})/(P(\text{Yes}) + P(\text{No}))`.
+    r"""Build the LLM judge: :math:`s = P(\text{Yes}) / (P(\text{Yes}) + P(\text{No}))`.
 
     After each step, the question ``suffix`` ("is the last step correct? Answer Yes or
     No") is run through the policy *on top of its own KV cache* (only the suffix's
@@ -404,7 +407,7 @@ PRM_SYSTEM = "Please reason step by step, and put your final answer within \\box
 
 
 def prm_reward(prm: Any, tokenizer: Any | None = None) -> Reward:
-    r"""A Qwen2.5-Math-PRM-style process reward model, scored incrementally.
+    r"""Build a Qwen2.5-Math-PRM-style process reward, scored incrementally.
 
     The PRM reads (DESIGN) the system prompt ``PRM_SYSTEM``, the question, and the
     assistant's steps each ending with the step tag ``<extra_0>``; its score of a step
@@ -498,13 +501,15 @@ def _prm_probs(prm: Any, tokens: Array, positions: Array, cache: Any):
 
 
 def get_reward(reward: str | Reward, lm: Any = None, *, prm: Any = None) -> Reward:
-    """A :class:`Reward` by name (``"self-certainty"``, ``"judge"``, ``"arithmetic"``,
-    ``"prm"``), built for the policy ``lm`` (its tokenizer), or passed through.
+    """Return a :class:`Reward` by name, built for the policy ``lm`` (or pass it on).
+
+    Names: ``"self-certainty"``, ``"judge"``, ``"arithmetic"``, ``"prm"`` (needs
+    ``prm``).
     """
     if isinstance(reward, Reward):
         return reward
     name = str(reward).lower().replace("_", "-")
-    # one Reward object per (name, tokenizer, prm): compiled filters are cached per reward
+    # one Reward per (name, tokenizer, prm): compiled filters are cached per reward
     key = (name, id(getattr(lm, "tokenizer", None)), id(prm))
     hit = _REWARDS.get(key)
     if hit is not None:
