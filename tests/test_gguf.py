@@ -614,3 +614,15 @@ def test_load_logits_match_transformers(which, request):
 def test_config_json_serialisable(qwen_file):
     path, _, _ = qwen_file
     json.dumps(read_gguf(path, tokenizer=False).config)
+
+
+def test_load_reports_missing_tensor_by_hf_name(tmp_path):
+    """A GGUF lacking a tensor fails in smcjax.llm.load with the HF name listed."""
+    llm = pytest.importorskip("smcjax.llm")
+    src = make_source("qwen2", seed=6)
+    del src["model.layers.1.self_attn.k_proj.bias"]
+    write_gguf(tmp_path / "holey.gguf", "qwen2", src, tokenizer=False)
+    with pytest.raises(
+        llm.CheckpointError, match=r"model\.layers\.1\.self_attn\.k_proj\.bias"
+    ):
+        llm.load(tmp_path / "holey.gguf")
