@@ -54,6 +54,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from smcjax import mcmc
@@ -88,14 +89,14 @@ class TemperedKernel(NamedTuple):
 
 
 class PTState(NamedTuple):
-    """State of the replica-exchange sampler.
+    r"""State of the replica-exchange sampler.
 
     Attributes
     ----------
     positions
-        Pytree with leading axis ``K + 1``: the state of the chain at :math:`\\beta_k`.
+        Pytree with leading axis ``K + 1``: the state of the chain at :math:`\beta_k`.
     log_prior, log_likelihood
-        ``(K + 1,)`` :math:`\\log p_0` and :math:`\\ell = \\log L` at ``positions``.
+        ``(K + 1,)`` :math:`\log p_0` and :math:`\ell = \log L` at ``positions``.
     inverse_temperatures
         ``(K + 1,)`` increasing, ending at ``1``.
     params
@@ -120,12 +121,12 @@ class PTState(NamedTuple):
 
 
 class PTInfo(NamedTuple):
-    """Diagnostics of one scan.
+    r"""Diagnostics of one scan.
 
     Attributes
     ----------
     swap_probability
-        ``(K,)`` :math:`\\alpha_k` of the proposed swaps (computed for every pair).
+        ``(K,)`` :math:`\alpha_k` of the proposed swaps (computed for every pair).
     attempted
         ``(K,)`` bool, the pairs that proposed a swap this scan.
     accepted
@@ -144,12 +145,12 @@ class PTInfo(NamedTuple):
 
 
 class PTResult(NamedTuple):
-    """Output of :func:`parallel_tempering` (statistics of the sampling phase).
+    r"""Output of :func:`parallel_tempering` (statistics of the sampling phase).
 
     Attributes
     ----------
     samples
-        ``(num_steps, ...)`` the state of the :math:`\\beta = 1` chain after each scan.
+        ``(num_steps, ...)`` the state of the :math:`\beta = 1` chain after each scan.
     swap_rate
         ``(K,)`` mean swap acceptance probability of each adjacent pair.
     inverse_temperatures
@@ -159,11 +160,11 @@ class PTResult(NamedTuple):
     round_trip_rate
         Round trips per scan.
     global_barrier
-        :math:`\\hat\\Lambda = \\sum_k (1 - \\text{swap\\_rate}_k)`.
+        :math:`\hat\Lambda = \sum_k (1 - \text{swap\_rate}_k)`.
     acceptance_rate
         ``(K + 1,)`` mean acceptance rate of the local moves per chain.
     log_likelihood
-        ``(num_steps,)`` :math:`\\ell` of the :math:`\\beta = 1` samples.
+        ``(num_steps,)`` :math:`\ell` of the :math:`\beta = 1` samples.
     replicas
         ``(num_steps, K + 1)`` the index process: replica at each chain.
     params
@@ -603,12 +604,12 @@ def parallel_tempering(
 
     k_adapt, k_sample = jax.random.split(key)
     lengths = _round_lengths(num_adapt_steps)
-    for r, length in enumerate(lengths):
-        state = _adapt_round(
-            jax.random.fold_in(k_adapt, r),
+    if lengths:
+        state = _adapt(
+            k_adapt,
             state,
             step_fn,
-            length,
+            lengths,
             tune_schedule=adapt_schedule and n > 1,
             tune_h=tune_h,
             target=target,
@@ -643,37 +644,52 @@ def parallel_tempering(
     )
 
 
-def _adapt_round(
-    key, state: PTState, step_fn, length, *, tune_schedule, tune_h, target
-):
-    """One adaptation round: ``length`` scans, then a new schedule and step sizes."""
+def _adapt(key, state: PTState, step_fn, lengths, *, tune_schedule, tune_h, target):
+    r"""Adaptation rounds of the given lengths, as one ``lax.scan`` over all scans.
 
-    def body(carry, k):
-        st, j = carry
+    Within a round the step sizes follow Robbins–Monro with gain
+    :math:`(j + 1)^{-0.6}` (``j`` = scan within the round); at the end of a round
+    the schedule is updated from the round's mean swap probabilities
+    (:func:`update_schedule`) and the step sizes are interpolated to the new
+    :math:`\beta`'s.
+    """
+    pos = np.concatenate([np.arange(m) for m in lengths])
+    ends = np.concatenate([np.arange(m) == m - 1 for m in lengths])
+    n_pairs = state.inverse_temperatures.shape[0] - 1
+    zeros = jnp.zeros((n_pairs,), jnp.float32)
+
+    def body(carry, inp):
+        st, sum_alpha, n_att = carry
+        k, j, end = inp
         st, info = step_fn(k, st)
+        att = info.attempted.astype(jnp.float32)
+        sum_alpha = sum_alpha + info.swap_probability * att
+        n_att = n_att + att
         if tune_h:
             gain = (j + 1.0) ** -0.6
             move = jnp.clip(gain * (info.acceptance_rate - target), -1.0, 1.0)
             h = st.params.step_size * jnp.exp(move)
             st = st._replace(params=st.params._replace(step_size=h))
-        return (st, j + 1), info
+        if tune_schedule:
+            old = st.inverse_temperatures
+            new = update_schedule(old, 1.0 - sum_alpha / jnp.maximum(n_att, 1.0))
+            # keep the schedule if some pair was never attempted (too short a round)
+            new = jnp.where(end & jnp.all(n_att > 0), new, old)
+            st = st._replace(inverse_temperatures=new)
+            if tune_h:
+                log_h = jnp.interp(new, old, jnp.log(st.params.step_size))
+                st = st._replace(params=st.params._replace(step_size=jnp.exp(log_h)))
+            sum_alpha = jnp.where(end, 0.0, sum_alpha)
+            n_att = jnp.where(end, 0.0, n_att)
+        return (st, sum_alpha, n_att), None
 
-    (state, _), infos = jax.lax.scan(
-        body, (state, jnp.zeros((), jnp.float32)), jax.random.split(key, length)
+    (state, _, _), _ = jax.lax.scan(
+        body,
+        (state, zeros, zeros),
+        (
+            jax.random.split(key, len(pos)),
+            jnp.asarray(pos, jnp.float32),
+            jnp.asarray(ends),
+        ),
     )
-    if tune_schedule:
-        att = infos.attempted.astype(jnp.float32)
-        n_att = jnp.sum(att, axis=0)
-        rate = jnp.sum(infos.swap_probability * att, axis=0) / jnp.maximum(n_att, 1.0)
-        old = state.inverse_temperatures
-        new = update_schedule(old, 1.0 - rate)
-        # keep the schedule if some pair was never attempted (too short a round)
-        new = jnp.where(jnp.all(n_att > 0), new, old)
-        state = state._replace(inverse_temperatures=new)
-        if tune_h:
-            log_h = jnp.log(state.params.step_size)
-            log_h = jnp.interp(new, old, log_h)
-            state = state._replace(
-                params=state.params._replace(step_size=jnp.exp(log_h))
-            )
     return state
