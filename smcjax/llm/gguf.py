@@ -716,6 +716,9 @@ def _load_tokenizer(
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = pathlib.Path(tempfile.mkdtemp(dir=cached.parent, prefix=".tmp-"))
             tok.save_pretrained(str(tmp))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700
             _drop_stale(cached.parent, cached.name)
             try:
                 os.replace(tmp, cached)
