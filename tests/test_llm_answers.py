@@ -34,6 +34,8 @@ EXTRACT = [
     ("The temperature dropped to -7 degrees", "-7"),
     ("x = 2.50 and so 3/4", "3/4"),
     ("no numbers here", None),
+    ("Step 3 gives\n4.", "4"),
+    ("costs $ 12 in total", "12"),
 ]
 
 

@@ -221,3 +221,75 @@ def test_get_reward_names_and_errors(tiny):
         get_reward("oracle", tiny)
     with pytest.raises(ValueError, match="load_prm"):
         get_reward("prm", tiny)
+
+
+# ----------------------------------------------------------------- PRM (Flax port)
+
+
+@pytest.mark.parametrize("aggregation", ["last", "model"])
+def test_prm_incremental_scores_match_torch_on_the_full_input(tmp_path, aggregation):
+    """Scoring step by step with the PRM's own KV cache = one torch pass over the
+    whole formatted input (steps tagged with <extra_0>), at every tag."""
+    import torch
+    from llm_fixtures import load_torch, make_checkpoint
+
+    llm = pytest.importorskip("smcjax.llm")
+    if not hasattr(llm, "load_prm"):
+        pytest.skip("smcjax.llm.load_prm is not available in this checkout")
+    from smcjax.llm.rewards import prm_reward
+
+    path = make_checkpoint(tmp_path / "prm", prm=True, seed=2)
+    prm = llm.load_prm(path)
+    tok = prm.tokenizer
+    rw = prm_reward(prm)
+    steps = [
+        "Step 1: 12 + 30 = 42.\n\n",
+        "Step 2: Divide by 6 to get 7.\n\n",
+        "So 7.\n\n",
+    ]
+    step_ids = [tok(s, add_special_tokens=False)["input_ids"] for s in steps]
+    prepared = rw.prepare("What is 42 / 6?")
+    spec = RewardSpec(aggregation, 16, 64, 4)
+    plen = 5
+    buf = np.zeros((1, plen + sum(map(len, step_ids))), np.int32)
+    state = rw.init(prm, prepared, 1, spec)
+    pos, got = plen, []
+    for ids in step_ids:
+        buf[0, pos : pos + len(ids)] = ids
+        inp = _inp(buf, [pos], [pos + len(ids)])
+        state, s = rw.step(prm, state, inp, spec)
+        got.append(float(s[0]))
+        pos += len(ids)
+    tag = tok("<extra_0>", add_special_tokens=False)["input_ids"][0]
+    blank = set(tok("\n\n", add_special_tokens=False)["input_ids"])
+    ref = load_torch(path, prm=True)
+    prefix = list(prepared["ids"][: int(prepared["length"])])
+    want, seq = [], list(prefix)
+    for ids in step_ids:
+        if aggregation == "model":
+            seq = seq + list(ids)
+            full = [*seq, tag]
+        else:
+            body = list(ids[:-1]) if len(ids) > 1 and ids[-1] in blank else list(ids)
+            seq = [*seq, *body, tag]
+            full = seq
+        with torch.no_grad():
+            logits = ref(torch.tensor([full]))[0, -1]
+        want.append(float(torch.softmax(logits, -1)[1]))
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+
+
+def test_judge_with_its_own_cache_equals_the_policy_judging_itself(tiny):
+    """A separate judge model (here: the policy again, with its own KV cache, steps
+    appended incrementally) scores exactly like the judge on the policy's cache."""
+    from smcjax.llm.its import particle_filter
+
+    opts = dict(max_steps=3, step_cap=4, max_new_tokens=12, aggregation="min")
+    own = llm_judge(tiny.tokenizer, model=tiny)
+    q = "What is 7 times 8?"
+    a = particle_filter(jax.random.key(3), tiny, "judge", q, 3, **opts)
+    b = particle_filter(jax.random.key(3), tiny, own, q, 3, **opts)
+    assert a.texts == b.texts  # same key, same draws while the weights agree
+    for sa, sb in zip(a.step_scores, b.step_scores, strict=True):
+        np.testing.assert_allclose(sa, sb, rtol=2e-4, atol=1e-5)
+    np.testing.assert_allclose(a.rewards, [s.min() for s in a.step_scores], rtol=1e-5)

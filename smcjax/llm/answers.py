@@ -65,7 +65,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 _NUMBER_RE = re.compile(
-    r"(?<![\w.])-?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+)?"
+    r"(?<![\w.])-?\$? ?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?: ?/ ?\d+)?"
 )
 _ANSWER_IS_RE = re.compile(
     r"answer\s*(?:is|:)\s*:?\s*\$?\s*([^\n]*?)(?:\.\s|\.?$|\n)", re.IGNORECASE

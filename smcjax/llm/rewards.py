@@ -345,22 +345,34 @@ _JUDGE_PLAIN = "\nQuestion: is the last step above correct? Answer Yes or No.\nA
 
 
 def llm_judge(
-    tokenizer: Any, *, chat: bool | None = None, suffix: str | None = None
+    tokenizer: Any,
+    *,
+    model: Any = None,
+    chat: bool | None = None,
+    suffix: str | None = None,
 ) -> Reward:
     r"""Build the LLM judge: :math:`s = P(\text{Yes}) / (P(\text{Yes}) + P(\text{No}))`.
 
-    After each step, the question ``suffix`` ("is the last step correct? Answer Yes or
-    No") is run through the policy *on top of its own KV cache* (only the suffix's
-    tokens are computed; the cache is not kept, so the solution continues unchanged),
-    and the next-token probabilities of "Yes"/" Yes" and "No"/" No" are compared (their
-    first tokens, for small vocabularies that split the words).
-    The judged text is always the whole partial solution, so all aggregations read
-    the per-step judgements.
+    After each step, a question ``suffix`` ("is the last step correct? Answer Yes or
+    No") follows the partial solution, and the judge's next-token probabilities of
+    "Yes"/" Yes" and "No"/" No" are compared (their first tokens, for small
+    vocabularies that split the words). The judged text is always the whole partial
+    solution, so all aggregations read these per-step judgements.
+
+    * ``model=None`` (default): the policy judges itself *on top of its own KV cache*:
+      only the suffix's tokens are computed, and the cache they were written to is not
+      kept, so the solution continues unchanged.
+    * ``model=`` another loaded LM with the same vocabulary: it keeps its own KV cache
+      per particle (the prompt prefilled once); each step's tokens and the suffix go
+      through it in ONE forward pass, the step's tokens are kept, the suffix's slots
+      are overwritten by the next step.
 
     Parameters
     ----------
     tokenizer
-        The policy's tokenizer.
+        The policy's tokenizer (the judge must share its vocabulary).
+    model
+        The judge, or ``None`` for the policy.
     chat
         Use a chat-template turn (``<|im_end|>`` … ``<|im_start|>assistant``); default:
         when the tokenizer knows ``<|im_start|>``.
@@ -380,25 +392,64 @@ def llm_judge(
     yes_ids, no_ids = np.asarray(yes, np.int32), np.asarray(no, np.int32)
     j_len = int(suffix_ids.shape[0])
 
-    def prepare(question: str) -> ArrayTree:
-        return None
-
-    def init(params, prepared, num_particles: int, spec: RewardSpec):
-        return None
-
-    def step(params, state, inp: StepInput, spec: RewardSpec):
-        from smcjax.llm.model import forward
-
-        n = inp.end.shape[0]
-        toks = jnp.broadcast_to(jnp.asarray(suffix_ids), (n, j_len))
-        pos = inp.end[:, None] + jnp.arange(j_len)[None, :]
-        logits, _ = forward(inp.lm, toks, pos, inp.cache)
-        lp = jax.nn.log_softmax(logits[:, -1, :].astype(jnp.float32), axis=-1)
+    def p_yes(logits):
+        lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         lyes = jax.nn.logsumexp(lp[:, yes_ids], axis=-1)
         lno = jax.nn.logsumexp(lp[:, no_ids], axis=-1)
-        return state, jax.nn.sigmoid(lyes - lno)
+        return jax.nn.sigmoid(lyes - lno)
 
-    return Reward("judge", None, prepare, init, step, extra_slots=j_len)
+    if model is None:
+
+        def prepare(question: str) -> ArrayTree:
+            return None
+
+        def init(params, prepared, num_particles: int, spec: RewardSpec):
+            return None
+
+        def step(params, state, inp: StepInput, spec: RewardSpec):
+            n = inp.end.shape[0]
+            toks = jnp.broadcast_to(jnp.asarray(suffix_ids), (n, j_len))
+            pos = inp.end[:, None] + jnp.arange(j_len)[None, :]
+            h, _ = inp.lm.hidden(toks, pos, inp.cache)  # only the last position's
+            return state, p_yes(inp.lm.head(h[:, -1, :]))  # logits are needed
+
+        return Reward("judge", None, prepare, init, step, extra_slots=j_len)
+
+    from smcjax.llm.model import forward, init_cache
+
+    def prepare_m(question: str) -> ArrayTree:
+        from smcjax.llm.its import format_prompt
+
+        ids = np.asarray(format_prompt(tokenizer, question), np.int32)
+        return {"ids": ids, "length": np.int32(len(ids))}
+
+    def init_m(params, prepared, num_particles: int, spec: RewardSpec):
+        ids, plen = prepared["ids"], prepared["length"]
+        p = ids.shape[0]
+        size = p + spec.max_new_tokens + j_len
+        cache = init_cache(params.config, 1, size, _dtype(params))
+        _, cache = forward(params, ids[None], jnp.arange(p)[None], cache)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, num_particles, axis=0), cache)
+        return cache, jnp.full((num_particles,), plen, jnp.int32)
+
+    def step_m(params, state, inp: StepInput, spec: RewardSpec):
+        cache, length = state
+        size = cache.k.shape[2]
+        w = spec.step_cap
+        toks, valid = step_window(inp.tokens, inp.start, inp.end, w + j_len)
+        n_tok = jnp.sum(valid[:, :w], axis=1)
+        j = jnp.arange(w + j_len)[None, :]
+        rel = j - n_tok[:, None]  # position inside the suffix
+        sfx = jnp.asarray(suffix_ids)[jnp.clip(rel, 0, j_len - 1)]
+        toks = jnp.where(rel >= 0, sfx, toks)
+        keep = (rel < j_len) & inp.active[:, None]
+        pos = jnp.where(keep, length[:, None] + j, size)
+        h, cache = params.hidden(toks, pos, cache)
+        last = jnp.take_along_axis(h, (n_tok + j_len - 1)[:, None, None], axis=1)
+        length = length + jnp.where(inp.active, n_tok, 0)
+        return (cache, length), p_yes(params.head(last[:, 0, :]))
+
+    return Reward("judge-model", model, prepare_m, init_m, step_m)
 
 
 # ---------------------------------------------------------------------- PRM (Flax port)
