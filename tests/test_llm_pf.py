@@ -274,3 +274,14 @@ def test_resampled_kv_cache_continues_like_a_fresh_run_and_finished_stay(lm):
                 assert float(cur.log_reward[i]) == float(prev.log_reward[a])
                 assert int(cur.num_steps[i]) == int(prev.num_steps[a])
     assert saw_finished > 0
+
+
+def test_beam_search_keeps_the_top_particles(lm):
+    from smcjax.llm.its import beam_search
+
+    r = beam_search(jax.random.key(9), lm, PARITY, QUESTION, 8, beam_width=4, **OPTS)
+    t = 2  # ancestors of step 2 are the 2 best step-1 particles, 4 copies each
+    top = np.argsort(-r.weight_history[t - 1], kind="stable")[:2]
+    np.testing.assert_array_equal(np.sort(r.ancestors[t]), np.sort(np.repeat(top, 4)))
+    with pytest.raises(ValueError, match="beam_width"):
+        beam_search(jax.random.key(9), lm, PARITY, QUESTION, 8, beam_width=16)

@@ -8,7 +8,8 @@
   on a :class:`DecodeState` whose leaves have the batch (particle) axis first.
 """
 
-from smcjax.llm import decoding
+# answers, rewards, its: inference-time scaling (particle filter and baselines)
+from smcjax.llm import answers, decoding, rewards
 from smcjax.llm.config import ModelConfig
 from smcjax.llm.decoding import (
     DecodeInfo,
@@ -20,6 +21,16 @@ from smcjax.llm.decoding import (
     prefill_shared,
     stop_table,
     stop_table_from_ids,
+)
+from smcjax.llm.its import (
+    ParticleFilterResult,
+    beam_search,
+    best_of_n,
+    greedy,
+    particle_filter,
+    particle_filter_batch,
+    self_consistency,
+    weighted_best_of_n,
 )
 from smcjax.llm.language_model import GenerateOutput, LanguageModel, load
 from smcjax.llm.loading import CheckpointError, params_from_state_dict
@@ -33,17 +44,27 @@ __all__ = [
     "KVCache",
     "LanguageModel",
     "ModelConfig",
+    "ParticleFilterResult",
     "StopTable",
     "Transformer",
+    "answers",
+    "beam_search",
+    "best_of_n",
     "broadcast_state",
     "decode",
     "decoding",
     "forward",
+    "greedy",
     "init_cache",
     "load",
     "params_from_state_dict",
+    "particle_filter",
+    "particle_filter_batch",
     "prefill",
     "prefill_shared",
+    "rewards",
+    "self_consistency",
     "stop_table",
     "stop_table_from_ids",
+    "weighted_best_of_n",
 ]

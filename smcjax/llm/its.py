@@ -75,6 +75,7 @@ __all__ = [
     "LLMParticles",
     "PFOptions",
     "ParticleFilterResult",
+    "beam_search",
     "best_of_n",
     "format_prompt",
     "greedy",
@@ -82,6 +83,9 @@ __all__ = [
     "particle_filter",
     "particle_filter_batch",
     "pattern_table",
+    "self_consistency",
+    "top_k_resampler",
+    "weighted_best_of_n",
 ]
 
 SYSTEM_PROMPT = (
@@ -101,7 +105,7 @@ class PFOptions(NamedTuple):
     aggregation: str = "model"
     weights: str = "paper"
     softmax_temperature: float = 1.0
-    resampling: str = "multinomial"
+    resampling: Any = "multinomial"  # a name or a resampler callable
     ess_threshold: float | None = None  # None: 1.0 for paper/entropic, 0.5 for fk
     early_phase: float = 0.5
 
@@ -882,3 +886,61 @@ def greedy(
     """
     opts = {**options, "temperature": 0.0, "ess_threshold": 0.0, "weights": "fk"}
     return particle_filter(key, lm, "self-certainty", question, 1, **opts)
+
+
+_TOP_K: dict[int, Any] = {}
+
+
+def top_k_resampler(beam_width: int):
+    """Return beam search's deterministic "resampler".
+
+    It keeps the ``N / beam_width`` particles of highest weight and copies each
+    ``beam_width`` times (ties broken by index).
+    """
+    if beam_width not in _TOP_K:
+
+        def resample(key, log_weights, num_samples=None):
+            n = log_weights.shape[0]
+            m = n if num_samples is None else num_samples
+            keep = max(m // beam_width, 1)
+            top = jnp.argsort(-jnp.nan_to_num(log_weights, nan=-jnp.inf))[:keep]
+            idx = jnp.repeat(top, beam_width, total_repeat_length=keep * beam_width)
+            idx = (
+                jnp.concatenate([idx, top[: m - idx.shape[0]]])
+                if m > idx.shape[0]
+                else idx
+            )
+            return idx[:m].astype(jnp.int32)
+
+        _TOP_K[beam_width] = resample
+    return _TOP_K[beam_width]
+
+
+def beam_search(
+    key: PRNGKey,
+    lm: Any,
+    reward: str | Reward,
+    question: str,
+    num_particles: int,
+    beam_width: int = 4,
+    **options: Any,
+) -> ParticleFilterResult:
+    """Step-level beam search guided by the reward (as in its_hub / Snell et al. 2024).
+
+    ``N`` partial solutions; after every step the ``N / beam_width`` with the highest
+    reward are kept and each is extended by ``beam_width`` sampled next steps. This is
+    :func:`particle_filter` with a deterministic top-k "resampler"
+    (:func:`top_k_resampler`) in place of random resampling.
+    """
+    if not isinstance(beam_width, int) or not 1 <= beam_width <= num_particles:
+        raise ValueError(
+            f"beam_width must be an int in [1, num_particles], got {beam_width!r}"
+        )
+    opts = {
+        **options,
+        "resampling": top_k_resampler(beam_width),
+        "weights": "paper",
+        "ess_threshold": 1.0,
+        "select": options.get("select", "argmax"),
+    }
+    return particle_filter(key, lm, reward, question, num_particles, **opts)
