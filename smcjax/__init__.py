@@ -7,8 +7,10 @@ SMC (:mod:`smcjax.tempered`), particle Gibbs (:mod:`smcjax.pgibbs`), parallel te
 scaling (:mod:`smcjax.llm`).
 """
 
-from smcjax import kalman, resampling, smoothing, ssm
+from smcjax import kalman, pgibbs, pt, resampling, smoothing, ssm
 from smcjax.core import FeynmanKac, SMCInfo, SMCResult, SMCState, smc
+from smcjax.pgibbs import particle_gibbs
+from smcjax.pt import parallel_tempering
 from smcjax.resampling import ess
 from smcjax.ssm import StateSpaceModel, particle_filter
 
@@ -22,7 +24,11 @@ __all__ = [
     "StateSpaceModel",
     "ess",
     "kalman",
+    "parallel_tempering",
     "particle_filter",
+    "particle_gibbs",
+    "pgibbs",
+    "pt",
     "resampling",
     "smc",
     "smoothing",
