@@ -7,12 +7,24 @@ SMC (:mod:`smcjax.tempered`), particle Gibbs (:mod:`smcjax.pgibbs`), parallel te
 scaling (:mod:`smcjax.llm`).
 """
 
-from smcjax import kalman, pgibbs, pt, resampling, smoothing, ssm
+from smcjax import (
+    kalman,
+    mcmc,
+    numpyro,
+    pgibbs,
+    pmmh,
+    pt,
+    resampling,
+    smoothing,
+    ssm,
+    tempered,
+)
 from smcjax.core import FeynmanKac, SMCInfo, SMCResult, SMCState, smc
 from smcjax.pgibbs import particle_gibbs
 from smcjax.pt import parallel_tempering
 from smcjax.resampling import ess
 from smcjax.ssm import StateSpaceModel, particle_filter
+from smcjax.tempered import tempered_smc
 
 __version__ = "0.1.0"
 
@@ -24,13 +36,18 @@ __all__ = [
     "StateSpaceModel",
     "ess",
     "kalman",
+    "mcmc",
+    "numpyro",
     "parallel_tempering",
     "particle_filter",
     "particle_gibbs",
     "pgibbs",
+    "pmmh",
     "pt",
     "resampling",
     "smc",
     "smoothing",
     "ssm",
+    "tempered",
+    "tempered_smc",
 ]
