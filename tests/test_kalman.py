@@ -144,5 +144,12 @@ def test_shape_errors_name_the_argument():
         )
     with pytest.raises(ValueError, match="observations"):
         kalman.kalman_filter(params, jnp.zeros((0, 1)))
+    # A time-varying parameter whose length differs from len(observations).
+    with pytest.raises(
+        ValueError, match=r"emission_covariance.*T = len\(observations\) = 5"
+    ):
+        kalman.kalman_filter(
+            params._replace(emission_covariance=jnp.ones((6, 1, 1))), jnp.zeros((5, 1))
+        )
     with pytest.raises(TypeError, match="params"):
         kalman.kalman_filter(tuple(params), jnp.zeros((5, 1)))
