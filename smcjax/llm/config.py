@@ -70,6 +70,11 @@ class ModelConfig:
     bos_token_id : int or None
     eos_token_ids : tuple of int
         Every id that ends a sequence.
+    scan_layers : bool
+        Layout of the decoder layers: stacked parameters run by :func:`jax.lax.scan`
+        (compile time independent of depth), or separate per-layer buffers in an
+        unrolled loop (about 2x faster decoding on CPU, where XLA copies every
+        dynamically sliced layer of a scan; compile time grows with depth).
     architecture : str
         First entry of ``architectures`` in ``config.json`` (e.g.
         ``"Qwen2ForCausalLM"``,
@@ -95,6 +100,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     architecture: str = ""
+    scan_layers: bool = True
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:

@@ -12,7 +12,11 @@ import numpy as np
 
 from smcjax.llm import decoding
 from smcjax.llm.config import ModelConfig
-from smcjax.llm.loading import params_from_state_dict, resolve_source
+from smcjax.llm.loading import (
+    default_scan_layers,
+    params_from_state_dict,
+    resolve_source,
+)
 from smcjax.llm.model import CausalLM, Transformer, init_transformer
 from smcjax.types import Array, ArrayLike, PRNGKey
 
@@ -249,7 +253,9 @@ class LanguageModel(Transformer):
         return GenerateOutput(out, texts, out_lp, n_new, reason)
 
 
-def load(source: str | Path, *, dtype: Any = None) -> LanguageModel:
+def load(
+    source: str | Path, *, dtype: Any = None, scan_layers: bool | None = None
+) -> LanguageModel:
     """Load a causal LM from an HF directory, a ``.gguf`` file or a known name.
 
     Parameters
@@ -259,6 +265,9 @@ def load(source: str | Path, *, dtype: Any = None) -> LanguageModel:
         ``.gguf`` file, or a known name such as ``"qwen2.5-coder-0.5b-instruct"``.
     dtype : dtype, optional
         Parameter dtype: float32 on CPU, bfloat16 on accelerators by default.
+    scan_layers : bool, optional
+        Stacked layers run by ``lax.scan`` (compile time independent of depth) or
+        unrolled per-layer buffers (faster on CPU); default: unrolled on CPU only.
 
     Raises
     ------
@@ -270,7 +279,9 @@ def load(source: str | Path, *, dtype: Any = None) -> LanguageModel:
         Listing every missing / unexpected / wrongly shaped tensor.
     """
     hf_config, tensors, tokenizer = resolve_source(source)
+    if scan_layers is None:
+        scan_layers = default_scan_layers()
     graphdef, params, cfg = params_from_state_dict(
-        hf_config, tensors, module=CausalLM, dtype=dtype
+        hf_config, tensors, module=CausalLM, dtype=dtype, scan_layers=scan_layers
     )
     return LanguageModel(graphdef, params, cfg, tokenizer)

@@ -21,6 +21,7 @@ parameter pytree of the NNX model:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -40,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "SafetensorsFiles",
     "default_dtype",
+    "default_scan_layers",
     "params_from_state_dict",
     "read_checkpoint",
 ]
@@ -54,7 +56,7 @@ class CheckpointError(ValueError):
 WEIGHT_TABLE: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
     (r"model\.embed_tokens\.weight", ("model", "embed_tokens", "embedding"), None),
     (r"model\.norm\.weight", ("model", "norm", "weight"), None),
-    (r"lm_head\.weight", ("lm_head", "kernel"), "T"),
+    (r"lm_head\.weight", ("lm_head", "weight"), None),
     (
         r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
         ("model", "layers", "{2}", "weight"),
@@ -81,6 +83,11 @@ _IGNORED = re.compile(
 )
 
 
+def default_scan_layers() -> bool:
+    """Scan stacked layers on accelerators; unroll them on CPU (see ModelConfig)."""
+    return jax.default_backend() != "cpu"
+
+
 def default_dtype() -> Any:
     """float32 on CPU, bfloat16 on accelerators."""
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
@@ -93,9 +100,9 @@ def _path_to_name(path: tuple[str, ...], layer: int | None = None) -> str:
     hf_leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
     if parts and parts[0].startswith("score_"):
         parts = ["score", parts[0].split("_", 1)[1]]
-    if len(parts) >= 2 and parts[1] == "layers":
+    if layer is not None:
         parts.insert(2, str(layer))
-    return ".".join([*parts, hf_leaf])
+    return ".".join([*(str(q) for q in parts), hf_leaf])
 
 
 def _match(name: str) -> tuple[tuple[str, ...], int | None, str | None] | None:
@@ -118,6 +125,7 @@ def params_from_state_dict(
     *,
     module: Any = CausalLM,
     dtype: Any = None,
+    scan_layers: bool | None = None,
 ) -> tuple[Any, nnx.State, ModelConfig]:
     """Build the NNX parameters of ``module`` from Hugging Face-named tensors.
 
@@ -132,6 +140,8 @@ def params_from_state_dict(
         NNX module class to fill (``CausalLM`` or the PRM module).
     dtype : dtype, optional
         Parameter dtype; :func:`default_dtype` when None.
+    scan_layers : bool, optional
+        Override ``config.scan_layers`` (stacked + scan, or unrolled per-layer).
 
     Returns
     -------
@@ -143,6 +153,8 @@ def params_from_state_dict(
         Listing every missing tensor, unexpected tensor and wrong shape at once.
     """
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_hf(config)
+    if scan_layers is not None:
+        cfg = dataclasses.replace(cfg, scan_layers=bool(scan_layers))
     dtype = default_dtype() if dtype is None else jnp.dtype(dtype)
     abstract = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
@@ -157,6 +169,9 @@ def params_from_state_dict(
         if _IGNORED.fullmatch(name):
             continue
         hit = _match(name)
+        if hit is not None and hit[1] is not None and not cfg.scan_layers:
+            # Unrolled layout: one parameter per layer, ("model", "layers", i, ...).
+            hit = ((*hit[0][:2], hit[1], *hit[0][2:]), None, hit[2])
         if hit is None or hit[0] not in expected:
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some tied checkpoints store the head anyway
@@ -164,7 +179,7 @@ def params_from_state_dict(
             continue
         path, layer, transform = hit
         shape = tuple(expected[path].get_value().shape)
-        stacked = path[1:2] == ("layers",) and path[0] == "model"
+        stacked = layer is not None
         want = shape[1:] if stacked else shape
         if stacked and not 0 <= layer < shape[0]:
             unexpected.append(f"{name} (model has {shape[0]} layers)")
@@ -190,7 +205,7 @@ def params_from_state_dict(
 
     missing: list[str] = []
     for path, var in expected.items():
-        if path[:2] == ("model", "layers"):
+        if path[:2] == ("model", "layers") and isinstance(path[2], str):
             n = var.get_value().shape[0]
             missing += [
                 _path_to_name(path, i) for i in range(n) if i not in filled[path]

@@ -63,27 +63,30 @@ class KVCache(NamedTuple):
 
     Attributes
     ----------
-    k, v : Array
-        ``(B, num_layers, S, num_kv_heads, head_dim)``; slot ``j`` of row ``b`` holds
-        the rotated key (and the value) of the token at position ``j``.
+    k, v : Array or tuple of Array
+        With stacked (scanned) layers, one array ``(B, num_layers, K, S, head_dim)``;
+        with unrolled layers, a tuple of ``num_layers`` arrays ``(B, K, S, head_dim)``
+        (separate buffers, so no layer slice is ever copied). Slot ``j`` of row ``b``
+        holds the rotated key (and the value) of the token at position ``j``.
     """
 
-    k: Array
-    v: Array
+    k: Any
+    v: Any
 
 
 def init_cache(
     config: ModelConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32
 ) -> KVCache:
-    """Zero cache for ``batch_size`` rows of ``max_len`` slots."""
-    shape = (
-        batch_size,
-        config.num_layers,
-        max_len,
-        config.num_kv_heads,
-        config.head_dim,
+    """Zero cache of ``batch_size`` rows and ``max_len`` slots, laid out per config."""
+    shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+    if config.scan_layers:
+        shape = (batch_size, config.num_layers, *shape[1:])
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    n = config.num_layers
+    return KVCache(
+        tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+        tuple(jnp.zeros(shape, dtype) for _ in range(n)),
     )
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
 # --------------------------------------------------------------------------- modules
@@ -138,48 +141,57 @@ class Attention(nnx.Module):
         cos: Array,
         sin: Array,
         positions: Array,
-        cache: KVCache | None,
+        cache: tuple[Array, Array] | None,
         layer: Array | None,
         kv_len: int | None,
-    ) -> tuple[Array, KVCache | None]:
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        """Attention output and the updated ``(keys, values)`` cache of this layer.
+
+        ``cache`` is ``(B, K, S, d)`` per layer, or the stacked ``(B, L, K, S, d)``
+        arrays together with the (traced) ``layer`` index.
+        """
         b, t, _ = x.shape
         h, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
         q = _rotate(self.q_proj(x).reshape(b, t, h, d), cos, sin)
-        k = _rotate(self.k_proj(x).reshape(b, t, kh, d), cos, sin)
-        v = self.v_proj(x).reshape(b, t, kh, d)
+        k = _rotate(self.k_proj(x).reshape(b, t, kh, d), cos, sin).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(b, t, kh, d).transpose(0, 2, 1, 3)  # (B, K, T, d)
         if cache is None:
             keys, values, key_pos = k, v, positions
         else:
-            rows = jnp.arange(b)[:, None]
-            # Scatter the new keys/values at (row, layer, position); rows whose position
-            # is outside the buffer (inactive rows) are dropped.
-            ck = cache.k.at[rows, layer, positions].set(
-                k.astype(cache.k.dtype), mode="drop"
-            )
-            cv = cache.v.at[rows, layer, positions].set(
-                v.astype(cache.v.dtype), mode="drop"
-            )
-            cache = KVCache(ck, cv)
-            n = ck.shape[2] if kv_len is None else kv_len
-            keys = jax.lax.dynamic_index_in_dim(ck, layer, axis=1, keepdims=False)[
-                :, :n
-            ]
-            values = jax.lax.dynamic_index_in_dim(cv, layer, axis=1, keepdims=False)[
-                :, :n
-            ]
+            ck, cv = cache
+            rows = jnp.arange(b)[:, None, None]
+            heads = jnp.arange(kh)[None, :, None]
+            pos = positions[:, None, :]
+            # Scatter the new keys/values at (row, [layer,] head, position); rows whose
+            # position is outside the buffer (inactive rows) are dropped.
+            if layer is None:
+                ck = ck.at[rows, heads, pos].set(k.astype(ck.dtype), mode="drop")
+                cv = cv.at[rows, heads, pos].set(v.astype(cv.dtype), mode="drop")
+                keys, values = ck, cv
+            else:
+                ck = ck.at[rows, layer, heads, pos].set(k.astype(ck.dtype), mode="drop")
+                cv = cv.at[rows, layer, heads, pos].set(v.astype(cv.dtype), mode="drop")
+                keys = jax.lax.dynamic_index_in_dim(ck, layer, axis=1, keepdims=False)
+                values = jax.lax.dynamic_index_in_dim(cv, layer, axis=1, keepdims=False)
+            cache = (ck, cv)
+            n = keys.shape[2] if kv_len is None else kv_len
+            keys, values = keys[:, :, :n], values[:, :, :n]
             key_pos = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
         g = h // kh
-        q = q.reshape(b, t, kh, g, d)
+        # (B, T, K, G, d) -> (B, K, T*G, d): batch dims (B, K) lead, no cache transpose.
+        q = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, d)
         scores = jnp.einsum(
-            "btkgd,bskd->bkgts",
+            "bkqd,bksd->bkqs",
             q,
             keys.astype(q.dtype),
             preferred_element_type=jnp.float32,
         ) * (1.0 / np.sqrt(d))
         mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        mask = jnp.repeat(mask, g, axis=1)[:, None]  # (B, 1, T*G, S)
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, h * d)
+        out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+        out = out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
         return self.o_proj(out.astype(x.dtype)), cache
 
 
@@ -231,12 +243,21 @@ class Backbone(nnx.Module):
             rngs=rngs,
         )
 
-        @nnx.split_rngs(splits=cfg.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def make_layers(r: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(cfg, dtype=dtype, rngs=r)
+        if cfg.scan_layers:
 
-        self.layers = make_layers(rngs)
+            @nnx.split_rngs(splits=cfg.num_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def make_layers(r: nnx.Rngs) -> DecoderLayer:
+                return DecoderLayer(cfg, dtype=dtype, rngs=r)
+
+            self.layers = make_layers(rngs)
+        else:
+            self.layers = nnx.List(
+                [
+                    DecoderLayer(cfg, dtype=dtype, rngs=rngs)
+                    for _ in range(cfg.num_layers)
+                ]
+            )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=dtype)
 
     def __call__(
@@ -253,17 +274,56 @@ class Backbone(nnx.Module):
         freqs = positions.astype(jnp.float32)[..., None] * inv_freq
         emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # (B, T, 1, d)
         cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+        if not self.config.scan_layers:
+            ks, vs = [], []
+            for i, layer in enumerate(self.layers):
+                kv = None if cache is None else (cache.k[i], cache.v[i])
+                x, kv = layer(x, cos, sin, positions, kv, None, kv_len)
+                if kv is not None:
+                    ks.append(kv[0])
+                    vs.append(kv[1])
+            return self.norm(x), None if cache is None else KVCache(
+                tuple(ks), tuple(vs)
+            )
+
         layer_def, layer_params = nnx.split(self.layers)
 
         def body(carry, xs):
-            h, c = carry
+            h, kv = carry
             params, i = xs
-            h, c = nnx.merge(layer_def, params)(h, cos, sin, positions, c, i, kv_len)
-            return (h, c), None
+            h, kv = nnx.merge(layer_def, params)(h, cos, sin, positions, kv, i, kv_len)
+            return (h, kv), None
 
         idx = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (layer_params, idx))
+        kv0 = None if cache is None else (cache.k, cache.v)
+        (x, kv), _ = jax.lax.scan(body, (x, kv0), (layer_params, idx))
+        cache = None if kv is None else KVCache(*kv)
         return self.norm(x), cache
+
+
+def vocab_projection(h: Array, w: Array) -> Array:
+    """Float32 ``h @ w.T`` for a ``(V, D)`` matrix ``w`` (embedding or LM head).
+
+    Computed as ``w @ h.T`` then transposed: with ``w`` row-major this is the fastest
+    form of XLA's CPU dot for the few rows of a decode step (about 1.7x faster than
+    ``h @ w.T`` for the 151936 x 896 Qwen2.5-0.5B head).
+    """
+    lead = h.shape[:-1]
+    h2 = h.reshape(-1, h.shape[-1])
+    out = jnp.einsum(
+        "vd,nd->vn", w, h2.astype(w.dtype), preferred_element_type=jnp.float32
+    )
+    return out.T.reshape(*lead, w.shape[0]).astype(jnp.float32)
+
+
+class LMHead(nnx.Module):
+    """Untied output projection stored as in the checkpoint: ``weight`` ``(V, D)``."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: Any, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.weight = nnx.Param(
+            init(rngs.params(), (cfg.vocab_size, cfg.hidden_size), dtype)
+        )
 
 
 class CausalLM(nnx.Module):
@@ -273,24 +333,17 @@ class CausalLM(nnx.Module):
         self.config = cfg
         self.model = Backbone(cfg, dtype=dtype, rngs=rngs)
         self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else _linear(cfg.hidden_size, cfg.vocab_size, False, dtype, rngs)
+            None if cfg.tie_word_embeddings else LMHead(cfg, dtype=dtype, rngs=rngs)
         )
 
     def head(self, h: Array) -> Array:
         """Float32 logits from final hidden states ``(..., D) -> (..., V)``."""
-        if self.lm_head is None:
-            emb = self.model.embed_tokens.embedding[...]
-            out = jnp.einsum(
-                "...d,vd->...v", h, emb, preferred_element_type=jnp.float32
-            )
-        else:
-            kern = self.lm_head.kernel[...]
-            out = jnp.einsum(
-                "...d,dv->...v", h, kern, preferred_element_type=jnp.float32
-            )
-        return out.astype(jnp.float32)
+        w = (
+            self.model.embed_tokens.embedding[...]
+            if self.lm_head is None
+            else self.lm_head.weight[...]
+        )
+        return vocab_projection(h, w)
 
     def __call__(
         self,
