@@ -434,7 +434,7 @@ def llm_judge(
 
     def step_m(params, state, inp: StepInput, spec: RewardSpec):
         cache, length = state
-        size = cache.k.shape[2]
+        size = _cache_slots(cache)
         w = spec.step_cap
         toks, valid = step_window(inp.tokens, inp.start, inp.end, w + j_len)
         n_tok = jnp.sum(valid[:, :w], axis=1)
@@ -509,7 +509,7 @@ def prm_reward(prm: Any, tokenizer: Any | None = None) -> Reward:
 
     def step(params, state, inp: StepInput, spec: RewardSpec):
         cache, length = state
-        size = cache.k.shape[2]
+        size = _cache_slots(cache)
         w = spec.step_cap
         toks, valid = step_window(inp.tokens, inp.start, inp.end, w + 1)
         n_tok = jnp.sum(valid, axis=1)
@@ -530,6 +530,11 @@ def prm_reward(prm: Any, tokenizer: Any | None = None) -> Reward:
         return (cache, length), score
 
     return Reward("prm", prm, prepare, init, step)
+
+
+def _cache_slots(cache: Any) -> int:
+    """Number of slots ``S`` of a KV cache (stacked or per-layer layout: axis -2)."""
+    return jax.tree.leaves(cache)[0].shape[-2]
 
 
 def _dtype(params: Any) -> Any:
