@@ -25,37 +25,34 @@ DEFAULT_CONFIGS = (
 )
 
 
-def run_config(cfg: str, lm, problems, opts, seed, out: Path, done: set):
+def run_one(cfg: str, lm, i: int, prob, opts, seed, out: Path):
     from smcjax.llm.answers import grade
     from smcjax.llm.its import greedy, particle_filter
 
-    for i, prob in enumerate(problems):
-        if (cfg, prob.id) in done:
-            continue
-        key = jax.random.fold_in(jax.random.key(seed), i)
-        if cfg == "greedy":
-            r = greedy(key, lm, prob.question, **opts)
-        else:
-            n, reward = cfg[2:].split(":")
-            r = particle_filter(key, lm, reward, prob.question, int(n), **opts)
-        rec = dict(
-            config=cfg,
-            id=prob.id,
-            gold=prob.answer,
-            answer=r.answer,
-            correct=bool(grade(r.answer, prob.answer)),
-            tokens=r.tokens_generated,
-            wall=r.wall_time,
-            compile=r.compile_time,
-            answers=r.answers,
-        )
-        with out.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        print(
-            f"{cfg} q{prob.id}: {r.answer!s:>10} vs {prob.answer:>8} "
-            f"{'ok' if rec['correct'] else '--'} ({r.wall_time:.0f}s)",
-            flush=True,
-        )
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    if cfg == "greedy":
+        r = greedy(key, lm, prob.question, **opts)
+    else:
+        n, reward = cfg[2:].split(":")
+        r = particle_filter(key, lm, reward, prob.question, int(n), **opts)
+    rec = dict(
+        config=cfg,
+        id=prob.id,
+        gold=prob.answer,
+        answer=r.answer,
+        correct=bool(grade(r.answer, prob.answer)),
+        tokens=r.tokens_generated,
+        wall=r.wall_time,
+        compile=r.compile_time,
+        answers=r.answers,
+    )
+    with out.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(
+        f"{cfg} q{prob.id}: {r.answer!s:>10} vs {prob.answer:>8} "
+        f"{'ok' if rec['correct'] else '--'} ({r.wall_time:.0f}s)",
+        flush=True,
+    )
 
 
 def table(out: Path, configs) -> str:
@@ -118,8 +115,12 @@ def main() -> None:
     opts = dict(
         max_steps=a.max_steps, step_cap=a.step_cap, max_new_tokens=a.max_new_tokens
     )
-    for cfg in configs:
-        run_config(cfg, lm, problems, opts, a.seed, out, done)
+    # question-major, so that an interrupted run still compares configs on the same
+    # questions
+    for i, prob in enumerate(problems):
+        for cfg in configs:
+            if (cfg, prob.id) not in done:
+                run_one(cfg, lm, i, prob, opts, a.seed, out)
     print()
     print(f"GSM8K test, first {a.limit} questions, caps {opts}, seed {a.seed}")
     print(table(out, configs))

@@ -117,7 +117,8 @@ def _err(msg: str) -> None:
 # ------------------------------------------------------------------------- solve
 
 
-def _print_solution(r: Any, out=sys.stdout) -> None:
+def _print_solution(r: Any, out: Any = None) -> None:
+    out = out or sys.stdout
     i = r.selected
     print(
         f"Selected particle {i} of {len(r.texts)} (reward {r.rewards[i]:.3f})", file=out
@@ -130,7 +131,8 @@ def _print_solution(r: Any, out=sys.stdout) -> None:
     print(f"Answer: {r.answer}", file=out)
 
 
-def _print_trace(r: Any, out=sys.stdout) -> None:
+def _print_trace(r: Any, out: Any = None) -> None:
+    out = out or sys.stdout
     print("Trace (per filter step):", file=out)
     print(f"{'t':>3} {'tokens':>7} {'ESS':>6} {'resampled':>9} {'max w':>6}", file=out)
     for t in range(1, len(r.ess)):
@@ -354,11 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="greedy vs particle filter on a few GSM8K questions"
     )
-    d.add_argument("--questions", type=int, default=3)
+    d.add_argument("--questions", type=int, default=2)
     d.add_argument("--offset", type=int, default=0)
     d.add_argument("--verbose", "-v", action="store_true")
     _add_pf_options(d)
-    d.set_defaults(max_new_tokens=256, step_cap=64, max_steps=12)
+    d.set_defaults(max_new_tokens=384, step_cap=96, max_steps=16)
     return p
 
 
