@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     ap.add_argument("--particles", type=int, default=None)
     ap.add_argument("--rewards", default="self-certainty,arithmetic,judge")
+    ap.add_argument("--repeats", type=int, default=2, help="alternating timed runs")
     a = ap.parse_args()
 
     from smcjax.llm import decoding, load
@@ -93,9 +94,20 @@ def main() -> None:
     t0 = time.perf_counter()
     jax.block_until_ready(plain(jax.random.key(0), lm, prompt, plen))
     c_plain = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _, new = jax.block_until_ready(plain(jax.random.key(1), lm, prompt, plen))
-    w_plain = time.perf_counter() - t0
+    # alternate plain and PF runs and keep the fastest of each (noisy shared machine)
+    w_plain, w_pf = [], [base.wall_time]
+    for rep in range(a.repeats):
+        t0 = time.perf_counter()
+        _, new = jax.block_until_ready(plain(jax.random.key(1 + rep), lm, prompt, plen))
+        w_plain.append(time.perf_counter() - t0)
+        if rep + 1 < a.repeats:
+            again = particle_filter(
+                jax.random.key(1), lm, a.rewards.split(",")[0], q, n, **opts
+            )
+            w_pf.append(again.wall_time)
+    w_plain = min(w_plain)
+    base = base._replace(wall_time=min(w_pf))
+    rows[0] = (rows[0][0], base, rows[0][2])
     tok_plain = int(np.asarray(new).sum())
 
     tps_plain = tok_plain / w_plain
@@ -138,7 +150,10 @@ def main() -> None:
         f"{base.wall_time / ideal - 1:+.1%} of the {ideal:.1f}s the PF's forward "
         f"passes cost in the plain loop ({t_pass * 1e3:.0f} ms/pass)"
     )
-    print(f"- compile: plain {c_plain:.1f}s; PF {rows[0][1].compile_time:.1f}s")
+    print(
+        f"- compile + first run: plain {c_plain:.1f}s; "
+        f"PF compile {rows[0][1].compile_time:.1f}s"
+    )
 
 
 if __name__ == "__main__":

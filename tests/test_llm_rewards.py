@@ -249,7 +249,7 @@ def test_prm_incremental_scores_match_torch_on_the_full_input(tmp_path, aggregat
     ]
     step_ids = [tok(s, add_special_tokens=False)["input_ids"] for s in steps]
     prepared = rw.prepare("What is 42 / 6?")
-    spec = RewardSpec(aggregation, 16, 64, 4)
+    spec = RewardSpec(aggregation, 32, 96, 4)
     plen = 5
     buf = np.zeros((1, plen + sum(map(len, step_ids))), np.int32)
     state = rw.init(prm, prepared, 1, spec)

@@ -512,7 +512,7 @@ def prm_reward(prm: Any, tokenizer: Any | None = None) -> Reward:
         size = _cache_slots(cache)
         w = spec.step_cap
         toks, valid = step_window(inp.tokens, inp.start, inp.end, w + 1)
-        n_tok = jnp.sum(valid, axis=1)
+        n_tok = jnp.minimum(jnp.sum(valid, axis=1), w)  # a step has <= step_cap tokens
         if spec.aggregation != "model":
             last = jnp.take_along_axis(toks, jnp.maximum(n_tok - 1, 0)[:, None], 1)[
                 :, 0
