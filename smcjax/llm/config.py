@@ -25,6 +25,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "rope_inverse_frequencies"]
@@ -120,13 +121,17 @@ class ModelConfig:
         return None if self.rope_scaling is None else dict(self.rope_scaling)
 
     @classmethod
-    def from_hf(cls, hf: Mapping[str, Any]) -> ModelConfig:
+    def from_hf(
+        cls, hf: Mapping[str, Any], *, scan_layers: bool | None = None
+    ) -> ModelConfig:
         """Build a config from a Hugging Face ``config.json`` dictionary.
 
         Parameters
         ----------
         hf : Mapping
             The parsed ``config.json`` (or the GGUF reader's HF-style config dict).
+        scan_layers : bool, optional
+            Layer layout; by default scanned on accelerators, unrolled on CPU.
 
         Raises
         ------
@@ -212,6 +217,9 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=_ids(hf.get("eos_token_id")),
             architecture=archs[0] if archs else "",
+            scan_layers=(
+                jax.default_backend() != "cpu" if scan_layers is None else scan_layers
+            ),
         )
 
 

@@ -193,6 +193,7 @@ def params_from_state_dict(
             wrong_shape.append(
                 f"{name}: checkpoint shape {hf_shape}, model expects {hf_want}"
             )
+            filled[path].add(layer if stacked else -1)  # reported once, not as missing
             continue
         if stacked:
             if path not in buffers:
