@@ -285,3 +285,57 @@ def test_beam_search_keeps_the_top_particles(lm):
     np.testing.assert_array_equal(np.sort(r.ancestors[t]), np.sort(np.repeat(top, 4)))
     with pytest.raises(ValueError, match="beam_width"):
         beam_search(jax.random.key(9), lm, PARITY, QUESTION, 8, beam_width=16)
+
+
+# ------------------------------------------------------- potentials (no LLM needed)
+
+
+def _potential(weights, log_r, t, log_r_prev=None, **kw):
+    from smcjax.llm.its import LLMParticles
+
+    opts = PFOptions(weights=weights, max_steps=10, **kw)
+    model = llm_feynman_kac(
+        None,
+        PARITY,
+        None,
+        jnp.zeros(4, jnp.int32),
+        jnp.int32(4),
+        None,
+        opts,
+        (None, None),
+        jnp.zeros((0,), jnp.int32),
+    )
+
+    def x(lr):
+        return LLMParticles(
+            None, None, None, None, None, jnp.asarray(lr), None, None, None
+        )
+
+    prev = None if log_r_prev is None else x(log_r_prev)
+    return np.asarray(model.log_potential(t, prev, x(log_r)))
+
+
+def test_paper_fk_and_entropic_potentials():
+    r = np.array([0.999, 0.01, 0.02, 0.05, 0.01, 0.03], np.float32)
+    ell = np.log(r / (1 - r))
+    lr = np.log(r)
+    # paper: logit / softmax temperature
+    np.testing.assert_allclose(_potential("paper", lr, 1), ell, rtol=1e-4)
+    np.testing.assert_allclose(
+        _potential("paper", lr, 1, softmax_temperature=2.0), ell / 2, rtol=1e-4
+    )
+    # fk: log r_t - log r_{t-1}, and log r_0 at the first step
+    prev = np.log(np.full(6, 0.5, np.float32))
+    np.testing.assert_allclose(_potential("fk", lr, 2, prev), lr - prev, atol=1e-6)
+    np.testing.assert_allclose(_potential("fk", lr, 1), lr, atol=1e-6)
+    # entropic: ESS/N of softmax(ell) is tiny here -> tempered early, not late
+    w = np.exp(ell - ell.max())
+    ratio = w.sum() ** 2 / (w**2).sum() / 6
+    assert ratio < 0.5
+    tau = max(1.0, (1 - 1 / 10) / ratio)
+    np.testing.assert_allclose(_potential("entropic", lr, 1), ell / tau, rtol=1e-4)
+    np.testing.assert_allclose(_potential("entropic", lr, 6), ell, rtol=1e-4)
+    flat = np.log(np.full(6, 0.4, np.float32))  # ESS = N: never tempered
+    np.testing.assert_allclose(
+        _potential("entropic", flat, 1), np.log(0.4 / 0.6), rtol=1e-4
+    )

@@ -380,7 +380,9 @@ def _run(
         lm, reward, reward_params, prompt, prompt_len, prepared, opts, tables, eos
     )
     thr = opts.ess_threshold
-    if thr is None:
+    if opts.weights == "entropic":
+        thr = 1.0  # its_hub resamples every step; ess_threshold triggers the annealing
+    elif thr is None:
         thr = 0.5 if opts.weights == "fk" else 1.0
     step = build_step(
         model, resampling=get_resampler(opts.resampling), ess_threshold=thr
@@ -742,9 +744,12 @@ def particle_filter(
         per particle), ``temperature`` (0.8), ``top_p`` (1.0), ``aggregation``
         (``"model"``, ``"last"``, ``"min"``, ``"prod"``), ``weights`` (``"paper"``,
         ``"fk"``, ``"entropic"``), ``softmax_temperature`` (1.0), ``resampling``
-        (``"multinomial"`` or any smcjax resampler), ``ess_threshold`` (1.0 for paper
-        and entropic — resample every step — 0.5 for fk), ``early_phase`` (0.5),
-        ``select`` (``"argmax"`` or ``"vote"``).
+        (``"multinomial"`` or any smcjax resampler), ``ess_threshold`` (resample when
+        the ESS falls below this fraction of N: 1.0 — every step — for paper, 0.5 for
+        fk; for entropic, resampling is every step and this is the ESS ratio below
+        which the weights are tempered, default 0.5), ``early_phase`` (0.5),
+        ``select`` (``"argmax"``, ``"vote"`` weighted by the final weights, or
+        ``"majority"``).
 
     Returns
     -------
