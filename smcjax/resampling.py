@@ -46,43 +46,44 @@ positive weight (any particle under the all-zero fallback).
 
 Algorithm and speed
 -------------------
-Everything is :math:`O(N + M)` with static shapes, and written as a handful of fused
-passes because on CPU XLA's generic ``jnp.cumsum`` (an associative scan: ~12 ms for
-:math:`10^6` floats here) and ``jnp.searchsorted`` (a vectorised binary search: ~60 ms
-for :math:`10^6` queries, ~3 ms per halving step) are the bottlenecks of the textbook
-"``cumsum`` + ``searchsorted``" resampler (BlackJAX's design; 20 ms for systematic
-resampling of :math:`10^6` particles here, against 9 ms for ``particles`` in NumPy).
+Everything is :math:`O(N + M)` with static shapes. On CPU, XLA's generic ``jnp.cumsum``
+(an associative scan: ~12 ms for :math:`10^6` floats on the 2-core machine this was
+written on) and ``jnp.searchsorted`` (a vectorised binary search: ~60 ms for
+:math:`10^6` queries, ~3 ms per halving step) are the bottlenecks of the textbook
+"``cumsum`` + ``searchsorted``" resampler (BlackJAX's design). smcjax avoids both:
 
-1. *Prefix sums* are computed blockwise: the array is viewed as rows of 16, each row's
-   prefix sums are one small matrix product with an upper-triangular matrix of ones
-   (exact-order float32 dot products, vectorised by the BLAS), and the row totals are
-   summed recursively (:func:`_cumsum`): ~1.7 ms for :math:`10^6` floats.
+1. *Prefix sums* are blocked (:class:`_PrefixTree`): the array is viewed as rows of
+   16, each row's prefix sums are one product with an upper-triangular matrix of ones
+   (a fixed-order dot product, vectorised by the BLAS), the row totals are summed the
+   same way recursively, and the global prefix is added top-down: ~1.5 ms for
+   :math:`10^6` floats.
 2. Instead of searching for every point :math:`u^m`, the *rank* of every cumulative
-   weight :math:`K^i = \#\{m : u^m < C^i\}` is computed in :math:`O(1)` per particle:
-   :math:`K^i = \lceil M C^i - U \rceil` for systematic,
-   :math:`K^i = s + 1[U^s < M C^i - s]`, :math:`s = \lfloor M C^i \rfloor` for
-   stratified (only the stratum that contains :math:`C^i` needs a look), and for the
-   multinomial order statistics a guide table (Chen & Asau, 1974) over :math:`M` equal
-   cells, which the uniforms fill ~Poisson(1) each, followed by a binary search of a few
-   steps inside the cell.
-3. The offspring counts are :math:`N^i = K^i - K^{i-1}`, and the ancestors are the
-   merge of the two sorted sequences :math:`(C^i)` and :math:`(u^m)`:
-   :math:`A^m = \#\{i : K^i \le m\}`, i.e. a histogram of the :math:`K^i`
-   (``segment_sum`` with sorted indices) followed by one more prefix sum. This is
-   exact integer arithmetic (the counts are summed in float32 below :math:`2^{24}`).
+   weight, :math:`K^i = \#\{m : u^m < C^i\}`, is computed in :math:`O(1)`:
+   :math:`K^i = \lceil M C^i - U \rceil` for systematic;
+   :math:`K^i = s + 1[U^s < M C^i - s]`, :math:`s = \lfloor M C^i \rfloor`, for
+   stratified (only the stratum containing :math:`C^i` needs a look); for the
+   multinomial order statistics, a guide table (Chen & Asau, 1974) over :math:`M` equal
+   cells, which the uniforms fill ~Poisson(1) each, then a binary search of a few steps
+   inside the cell.
+3. The offspring counts are :math:`N^i = K^i - K^{i-1}` and the ancestors are the merge
+   of the two sorted sequences :math:`(C^i)` and :math:`(u^m)`,
+   :math:`A^m = \#\{i : K^i \le m\}`: a histogram of the :math:`K^i` (``segment_sum``
+   with sorted indices) and one more (exact, integer) prefix sum.
 
-Measured on this 2-core CPU (``benchmarks/bench_resampling.py``), systematic resampling
-of :math:`10^6` log-weights takes ~3 ms, against ~60 ms for the same code with
-``jnp.searchsorted``; multinomial is bound by the random number generator (drawing
-:math:`10^6` exponentials costs more than the resampling itself).
+``benchmarks/bench_resampling.py`` compares this with the ``searchsorted`` design, with
+``particles`` and with BlackJAX in one process (results in
+``benchmarks/results_resampling.md``). Multinomial and stratified resampling are bound
+by the random number generator (threefry draws ~150 M uniforms/s on this CPU).
 
-Precision: in float32 the cumulative weights of :math:`N` particles carry absolute
-errors of order :math:`2^{-24}` relative to the total, so each count's expectation is
-exact up to :math:`O(2^{-24} M)`; these errors telescope (they move mass between
-neighbouring particles only) and are far below Monte Carlo error. With
+Precision. The ranks are made *consistent* across the blocks of the prefix tree (each
+block's ranks are clipped between its neighbours' at the coarser level, and the
+rounding mismatch goes to the block's last positive particle), so the ranks never
+decrease, a zero-weight particle never gets an offspring, the last positive particle
+closes the range, and no index can leave ``[0, N)``, whatever the rounding. In float32
+the cumulative weights carry relative errors of order :math:`2^{-24}\log_{16} N`; the
+resulting count biases are :math:`O(2^{-24} M)` per particle, telescoping (they move
+mass between neighbouring particles only), far below Monte Carlo error. With
 ``jax.experimental.enable_x64()`` and float64 log-weights everything runs in float64.
-A rounding error can never select a zero-weight particle: such a (probability
-:math:`O(2^{-24} M)`) draw is moved to the neighbouring slot's particle.
 
 Conditional resamplers
 ----------------------
@@ -120,6 +121,7 @@ the unconditional scheme's counts and :math:`\mathbb E[N^i] = M W^i`. For a *fix
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
@@ -247,30 +249,127 @@ def ess(log_weights: ArrayLike) -> Array:
 # --------------------------------------------------------------------------------------
 
 _BLOCK = 16
+_SMALL = 64
 _EXACT_F32_INT = 2**24
+
+RankFn = Callable[[Array], Array]
+
+
+def _dot_tri(x: Array, n: int) -> Array:
+    """``x @ triu(ones(n, n))``: prefix sums along the last axis of length ``n``."""
+    tri = jnp.triu(jnp.ones((n, n), x.dtype))
+    return jnp.dot(x, tri, precision=lax.Precision.HIGHEST)
+
+
+def _materialise(x: Array, exact_int_bound: int | None = None) -> Array:
+    """Identity on a ``(rows, _BLOCK)`` array, computed so XLA stores it in memory.
+
+    XLA fuses cheap elementwise producers into their consumers and *recomputes* them
+    per consumer element; through the broadcasts between levels of :class:`_PrefixTree`
+    that recomputes the whole coarse-level chain for every particle (~10x slower on
+    CPU). ``optimization_barrier`` is stripped before fusion on CPU, so the values go
+    through a product with the identity matrix (exact; integers go through float32,
+    exact below ``2**24``, and larger ones are left alone).
+    """
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        if exact_int_bound is None or exact_int_bound >= _EXACT_F32_INT:
+            return x
+        return _materialise(x.astype(jnp.float32)).astype(x.dtype)
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    return jnp.dot(x, eye, precision=lax.Precision.HIGHEST)
+
+
+class _PrefixTree:
+    r"""Blocked prefix sums of a non-negative 1-d array, kept level by level.
+
+    Level 0 views ``x`` as rows of ``_BLOCK`` entries; each row's prefix sums are one
+    product with a triangular matrix of ones (a fixed-order dot product, so within a
+    row they are monotone and adding a zero changes nothing). The row totals form the
+    next level, down to at most ``_SMALL`` entries. The global prefix sums are the row
+    prefixes plus the global prefix of the previous rows (computed top-down).
+
+    :meth:`ranks` turns a rank function :math:`K(c) = \#\{m : u^m < c / C^N\}` into
+    per-particle inclusive ranks that are *consistent across rows*: the ranks of a row
+    are clipped between those of its neighbours at the coarser level, and the
+    rounding mismatch between levels goes to the row's last positive entry. Hence
+    the ranks are non-decreasing, zero-weight particles get zero offspring, and the
+    last positive particle closes at exactly ``k_total``, whatever the rounding.
+    """
+
+    def __init__(self, x: Array):
+        self.n = x.shape[0]
+        self.levels: list[tuple[Array, Array]] = []  # fine -> coarse: (xb, within)
+        cur = x
+        while cur.shape[0] > _SMALL:
+            rows = -(-cur.shape[0] // _BLOCK)
+            pad = rows * _BLOCK - cur.shape[0]
+            xb = (jnp.pad(cur, (0, pad)) if pad else cur).reshape(rows, _BLOCK)
+            within = _dot_tri(xb, _BLOCK)
+            self.levels.append((xb, within))
+            cur = within[:, -1]
+        self.top = _dot_tri(cur, cur.shape[0])
+        self.total = self.top[-1]
+        self.offsets: list[Array] = []  # coarse -> fine: exclusive offset of each row
+        c = self.top
+        for i, (xb, within) in enumerate(reversed(self.levels)):
+            off = jnp.concatenate([jnp.zeros((1,), x.dtype), c[: xb.shape[0] - 1]])
+            self.offsets.append(off)
+            c2 = within + off[:, None]
+            c = (c2 if i == len(self.levels) - 1 else _materialise(c2)).reshape(-1)
+        self.cdf = c[: self.n]  # global inclusive prefix sums C^i
+
+    def ranks(
+        self,
+        rank_fn: RankFn,
+        k_total: ArrayLike,
+        bound: int | None = None,
+        batch_eval: bool = False,
+    ) -> Array:
+        """Consistent inclusive ranks ``(n,)`` int32, non-decreasing, last = k_total.
+
+        ``bound`` is a static upper bound of ``k_total`` (for :func:`_materialise`).
+        With ``batch_eval`` the rank function is called once on all the points (one
+        ``while_loop`` instead of one per level, for the guide-table search).
+        """
+        levels = list(zip(reversed(self.levels), self.offsets, strict=True))
+        if batch_eval:
+            pts = [self.top]
+            for (_, within), off in levels:
+                pts += [off, (within + off[:, None]).reshape(-1)]
+            flat = rank_fn(jnp.concatenate(pts))
+            sizes = np.cumsum([p.shape[0] for p in pts])[:-1]
+            vals = iter(jnp.split(flat, sizes))
+        else:
+            vals = None
+        k = next(vals) if vals is not None else rank_fn(self.top)
+        k = _close(jnp.clip(k, 0, k_total), self.top, k_total)
+        for i, ((xb, within), off) in enumerate(levels):
+            rows = xb.shape[0]
+            k_end = k[:rows, None]
+            k_start = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), k_end[:-1]])
+            if vals is not None:
+                r_off, r_in = next(vals), next(vals).reshape(rows, _BLOCK)
+            else:
+                r_off, r_in = rank_fn(off), rank_fn(within + off[:, None])
+            local = r_in - r_off[:, None]
+            kk = _close(jnp.clip(k_start + local, k_start, k_end), within, k_end)
+            k = (kk if i == len(levels) - 1 else _materialise(kk, bound)).reshape(-1)
+        return k[: self.n]
+
+
+def _close(k: Array, prefix: Array, k_end: ArrayLike) -> Array:
+    """Set ranks to ``k_end`` from the first entry where a row's prefix is complete.
+
+    That entry (``prefix == prefix[..., -1]``, last axis) is the row's last particle
+    that moves the prefix sum, so it has positive weight; the entries after it are
+    zeros (or too small to register in floating point) and get no offspring.
+    """
+    return jnp.where(prefix >= prefix[..., -1:], k_end, k).astype(jnp.int32)
 
 
 def _cumsum(x: Array) -> Array:
-    """Inclusive prefix sum of a 1-d float array by blocked triangular matmuls.
-
-    Within a row of ``_BLOCK`` entries every prefix is the same fixed-order dot
-    product, so it is monotone and adding a zero leaves it unchanged; row totals are
-    summed recursively. Exact for integer-valued float32 inputs whose total is below
-    ``2**24``.
-    """
-    n = x.shape[0]
-    if n <= 4 * _BLOCK:
-        tri = jnp.triu(jnp.ones((n, n), x.dtype))
-        return jnp.dot(x, tri, precision=lax.Precision.HIGHEST)
-    rows = -(-n // _BLOCK)
-    pad = rows * _BLOCK - n
-    xb = (jnp.pad(x, (0, pad)) if pad else x).reshape(rows, _BLOCK)
-    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), x.dtype))
-    within = jnp.dot(xb, tri, precision=lax.Precision.HIGHEST)
-    totals = _cumsum(within[:, -1])
-    offsets = jnp.concatenate([jnp.zeros((1,), x.dtype), totals[:-1]])
-    out = (within + offsets[:, None]).reshape(-1)
-    return out[:n] if pad else out
+    """Inclusive prefix sum of a non-negative 1-d float array (blocked matmuls)."""
+    return _PrefixTree(x).cdf
 
 
 def _int_cumsum(counts: Array, bound: int) -> Array:
@@ -280,38 +379,44 @@ def _int_cumsum(counts: Array, bound: int) -> Array:
     return jnp.cumsum(counts.astype(jnp.int32))
 
 
-def _ancestors_from_ranks(ranks: Array, w: Array, num_samples: int) -> Array:
-    r"""Merge step: :math:`A^m = \#\{i : K^i \le m\}` from the ranks :math:`K^i`.
+def _merge(ranks: Array, num_samples: int) -> Array:
+    r"""Merge step: :math:`A^m = \#\{i : K^i \le m\}` from consistent ranks.
 
-    ``ranks`` (N,) are :math:`K^i = \#\{m : u^m < C^i\}` (non-decreasing, last = M).
-    Slots that rounding sent to a zero-weight particle are moved to a neighbour.
+    ``ranks`` (N,) are non-decreasing with last entry ``M``, so every ancestor is in
+    ``[0, N)`` and particle ``i`` gets :math:`K^i - K^{i-1}` slots.
     """
     n = ranks.shape[0]
-    m = num_samples
-    # Particles at or after the last one with positive weight close the range.
-    idx = jnp.arange(n, dtype=jnp.int32)
-    last_pos = jnp.max(jnp.where(w > 0, idx, 0))
-    ranks = jnp.where(idx >= last_pos, m, jnp.clip(ranks, 0, m))
     hist = jax.ops.segment_sum(
-        jnp.ones((n,), jnp.int32), ranks, m + 1, indices_are_sorted=True
+        jnp.ones((n,), jnp.int32), ranks, num_samples + 1, indices_are_sorted=True
     )
-    anc = _int_cumsum(hist[:m], n)
-    anc = jnp.clip(anc, 0, n - 1)
-    # Rounding guard: never a zero-weight particle (probability O(2^-24 M) events).
-    bad = w[anc] <= 0
-    prev = jnp.concatenate([anc[:1], anc[:-1]])
-    nxt = jnp.concatenate([anc[1:], anc[-1:]])
-    fallback = jnp.where(w[prev] > 0, prev, jnp.where(w[nxt] > 0, nxt, jnp.argmax(w)))
-    return jnp.where(bad, fallback, anc).astype(jnp.int32)
+    anc = _int_cumsum(hist[:num_samples], n)
+    return jnp.clip(anc, 0, n - 1).astype(jnp.int32)
 
 
-def _scaled_cdf(w: Array, num_samples: int) -> Array:
-    """``M C^i / C^N`` with ``C`` the blocked prefix sum (last entry exactly ``M``)."""
-    c = _cumsum(w)
-    return c * (num_samples / c[-1])
+def _systematic_rank_fn(tree: _PrefixTree, u: Array, m: int) -> RankFn:
+    r""":math:`K(c) = \#\{j < M : j + U < M c / C^N\} = \lceil M c / C^N - U \rceil`."""
+    scale = m / tree.total
+    return lambda c: jnp.clip(jnp.ceil(c * scale - u), 0, m).astype(jnp.int32)
 
 
-def _sorted_uniforms(key: PRNGKey, count: int, total: int, dtype) -> Array:
+def _stratified_rank_fn(tree: _PrefixTree, u: Array, m: int) -> RankFn:
+    r""":math:`K(c) = s + 1[U_s < y - s]`, :math:`s = \lfloor y \rfloor`.
+
+    Here :math:`y = M c / C^N`; all strata below ``s`` lie below ``y``, so only
+    stratum ``s`` needs a look.
+    """
+    scale = m / tree.total
+
+    def rank(c: Array) -> Array:
+        y = c * scale
+        s = jnp.clip(jnp.floor(y), 0, m).astype(jnp.int32)
+        below = u[jnp.minimum(s, m - 1)] < y - s
+        return jnp.where(s < m, s + below.astype(jnp.int32), m)
+
+    return rank
+
+
+def _sorted_uniforms(key: PRNGKey, count: ArrayLike, total: int, dtype) -> Array:
     r"""Order statistics of ``count`` uniforms, padded to ``total`` with ``2.0``.
 
     Exponential spacings: with :math:`E_0, \dots, E_{R}` i.i.d. Exp(1) and
@@ -325,11 +430,12 @@ def _sorted_uniforms(key: PRNGKey, count: int, total: int, dtype) -> Array:
     return jnp.where(j < count, s[:total] / s[count], 2.0).astype(dtype)
 
 
-def _rank_in_sorted(points: Array, x: Array) -> Array:
-    r"""``#{j : points_j < x_i}`` for sorted ``points`` (values >= 1 ignored).
+def _sorted_rank_fn(tree: _PrefixTree, points: Array) -> RankFn:
+    r""":math:`K(c) = \#\{j : p_j < c / C^N\}` for sorted ``points`` (>= 1 ignored).
 
-    A guide table over ``G = len(points)`` equal cells (each holds ~Poisson(1) of
-    uniformly spread points), then a binary search inside the cell of ``x_i``.
+    A guide table (Chen & Asau, 1974) over ``G = len(points)`` equal cells, which
+    uniform order statistics fill ~Poisson(1) each, then a binary search of a few
+    steps inside the cell of ``c / C^N``.
     """
     g = points.shape[0]
     cell_p = jnp.clip(jnp.floor(points * g), 0, g).astype(jnp.int32)
@@ -338,26 +444,32 @@ def _rank_in_sorted(points: Array, x: Array) -> Array:
     )
     ends = _int_cumsum(hist, g)
     starts = ends - hist
-    cell_x = jnp.clip(jnp.floor(x * g), 0, g).astype(jnp.int32)
-    lo, hi = starts[cell_x], ends[cell_x]
-    # Invariant: points[lo'] < x for lo' < lo, points[hi'] >= x for hi' >= hi.
+    scale = g / tree.total
 
-    def cond(state):
-        lo, hi = state
-        return jnp.any(lo < hi)
+    def rank(c: Array) -> Array:
+        y = c * scale
+        cell = jnp.clip(jnp.floor(y), 0, g).astype(jnp.int32)
+        x = y / g
+        # Invariant: points[< lo] < x <= points[>= hi].
 
-    def body(state):
-        lo, hi = state
-        mid = (lo + hi) // 2
-        below = points[jnp.clip(mid, 0, g - 1)] < x
-        active = lo < hi
-        return (
-            jnp.where(active & below, mid + 1, lo),
-            jnp.where(active & ~below, mid, hi),
-        )
+        def cond(state):
+            lo, hi = state
+            return jnp.any(lo < hi)
 
-    lo, _ = lax.while_loop(cond, body, (lo, hi))
-    return lo
+        def body(state):
+            lo, hi = state
+            mid = (lo + hi) // 2
+            below = points[jnp.clip(mid, 0, g - 1)] < x
+            active = lo < hi
+            return (
+                jnp.where(active & below, mid + 1, lo),
+                jnp.where(active & ~below, mid, hi),
+            )
+
+        lo, _ = lax.while_loop(cond, body, (starts[cell], ends[cell]))
+        return lo
+
+    return rank
 
 
 def _num(n: int, num_samples: int | None) -> int:
@@ -375,18 +487,6 @@ def _num(n: int, num_samples: int | None) -> int:
 # --------------------------------------------------------------------------------------
 # Standard resamplers
 # --------------------------------------------------------------------------------------
-
-
-def _systematic_ranks(y: Array, u: Array, m: int) -> Array:
-    # #{j in [0, M) : j + U < y}
-    return jnp.clip(jnp.ceil(y - u), 0, m).astype(jnp.int32)
-
-
-def _stratified_ranks(y: Array, u: Array, m: int) -> Array:
-    # #{j in [0, M) : j + U_j < y}: the strata below s = floor(y), plus s if U_s < y - s
-    s = jnp.clip(jnp.floor(y), 0, m).astype(jnp.int32)
-    us = u[jnp.minimum(s, m - 1)]
-    return jnp.where(s < m, s + (us < y - s).astype(jnp.int32), m)
 
 
 def systematic(
@@ -412,9 +512,9 @@ def systematic(
     lw = _clean(log_weights)
     m = _num(lw.shape[0], num_samples)
     w, _ = _weights(lw)
+    tree = _PrefixTree(w)
     u = jax.random.uniform(key, (), w.dtype)
-    ranks = _systematic_ranks(_scaled_cdf(w, m), u, m)
-    return _ancestors_from_ranks(ranks, w, m)
+    return _merge(tree.ranks(_systematic_rank_fn(tree, u, m), m, m), m)
 
 
 def stratified(
@@ -427,16 +527,15 @@ def stratified(
     lw = _clean(log_weights)
     m = _num(lw.shape[0], num_samples)
     w, _ = _weights(lw)
+    tree = _PrefixTree(w)
     u = jax.random.uniform(key, (m,), w.dtype)
-    ranks = _stratified_ranks(_scaled_cdf(w, m), u, m)
-    return _ancestors_from_ranks(ranks, w, m)
+    return _merge(tree.ranks(_stratified_rank_fn(tree, u, m), m, m), m)
 
 
 def _multinomial_sorted(key: PRNGKey, w: Array, m: int) -> Array:
+    tree = _PrefixTree(w)
     points = _sorted_uniforms(key, m, m, w.dtype)
-    c = _cumsum(w)
-    ranks = _rank_in_sorted(points, c / c[-1])
-    return _ancestors_from_ranks(ranks, w, m)
+    return _merge(tree.ranks(_sorted_rank_fn(tree, points), m, m, True), m)
 
 
 def multinomial(
@@ -469,20 +568,19 @@ def residual(
     n = lw.shape[0]
     m = _num(n, num_samples)
     w, _ = _weights(lw)
-    c = _cumsum(w)
-    mw = w * (m / c[-1])
+    mw = w * (m / jnp.sum(w))
     det = jnp.floor(mw)
-    res = jnp.where(w > 0, mw - det, 0.0)
-    det = det.astype(jnp.int32)
-    det_ranks = _int_cumsum(det, m + n)
-    r = jnp.clip(m - det_ranks[-1], 0, min(n, m))
+    res = mw - det
+    det_ranks = _int_cumsum(det.astype(jnp.int32), m + n)
     cap = min(n, m)
+    r = jnp.clip(m - det_ranks[-1], 0, cap)
+    # Rounding can leave R > 0 with no residual mass: then draw the R from W itself.
+    res = jnp.where(jnp.any(res > 0), res, w)
+    tree = _PrefixTree(res)
     points = _sorted_uniforms(key, r, cap, w.dtype)
-    cr = _cumsum(res)
-    tot = cr[-1]
-    x = jnp.where(tot > 0, cr / jnp.where(tot > 0, tot, 1.0), 1.0)
-    ranks = det_ranks + _rank_in_sorted(points, x)
-    return _ancestors_from_ranks(ranks, w, m)
+    # If every residual is zero (R = 0) the rank function only sees the 2.0 padding.
+    ranks = det_ranks + tree.ranks(_sorted_rank_fn(tree, points), r, cap, True)
+    return _merge(jnp.minimum(ranks, m), m)
 
 
 # --------------------------------------------------------------------------------------
@@ -562,20 +660,21 @@ def _conditional_inverse_cdf(
     p = _pinned(pinned, n, m)
     w, _ = _weights(lw)
     k_point, k_u = jax.random.split(key)
-    y = _scaled_cdf(w, m)  # M C^i, last entry M
+    tree = _PrefixTree(w)
+    scale = m / tree.total
     # The pinned slot's point, uniform on the pinned particle's interval (scaled by M).
-    y_hi = y[p]
-    y_lo = jnp.where(p > 0, y[jnp.maximum(p - 1, 0)], 0.0)
+    y_hi = tree.cdf[p] * scale
+    y_lo = jnp.where(p > 0, tree.cdf[jnp.maximum(p - 1, 0)] * scale, 0.0)
     v = jax.random.uniform(k_point, (), w.dtype)
     point = jnp.clip(y_lo + v * (y_hi - y_lo), 0.0, jnp.nextafter(float(m), 0.0))
     j0 = jnp.clip(jnp.floor(point), 0, m - 1).astype(jnp.int32)
-    u0 = jnp.clip(point - j0, 0.0, 1.0)
+    u0 = jnp.clip(point - j0, 0.0, 1.0).astype(w.dtype)
     if stratified_points:
         u = jax.random.uniform(k_u, (m,), w.dtype).at[j0].set(u0)
-        ranks = _stratified_ranks(y, u, m)
+        rank_fn = _stratified_rank_fn(tree, u, m)
     else:
-        ranks = _systematic_ranks(y, u0, m)
-    sorted_anc = _ancestors_from_ranks(ranks, w, m)
+        rank_fn = _systematic_rank_fn(tree, u0, m)
+    sorted_anc = _merge(tree.ranks(rank_fn, m, m), m)
     # Rotate so that slot p holds the point of stratum j0: A^q = S[(j0 + q - p) mod M].
     slots = jnp.arange(m, dtype=jnp.int32)
     anc = sorted_anc[jnp.mod(j0 + slots - p, m)]
