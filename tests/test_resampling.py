@@ -385,6 +385,12 @@ def test_ess_and_normalize():
     np.testing.assert_allclose(float(rs.log_normalize(lw)[1]), 1000.0, rtol=1e-6)
     assert float(rs.ess(jnp.array([0.0, -jnp.inf, jnp.nan]))) == pytest.approx(1.0)
     assert float(rs.ess(jnp.array([0.0, jnp.inf, jnp.inf]))) == pytest.approx(2.0)
+    log_w, log_sum = rs.log_normalize(jnp.array([0.0, jnp.inf, jnp.nan, jnp.inf]))
+    assert float(log_sum) == np.inf
+    np.testing.assert_allclose(np.exp(np.asarray(log_w)), [0, 0.5, 0, 0.5])
+    # low-precision inputs are upcast before the prefix sums
+    a = rs.systematic(jax.random.key(0), jnp.zeros(N, jnp.bfloat16))
+    assert a.dtype == jnp.int32 and (np.sort(np.asarray(a)) == np.arange(N)).all()
 
 
 def test_blocked_prefix_sums():
