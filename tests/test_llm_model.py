@@ -13,6 +13,7 @@ from llm_fixtures import load_torch, make_checkpoint, random_ids
 
 import smcjax.llm as llm
 from smcjax.llm import ModelConfig
+from smcjax.llm import model as model_lib
 from smcjax.llm.loading import read_checkpoint
 from smcjax.llm.model import init_cache
 
@@ -99,9 +100,18 @@ def test_config_reads_transformers4_and_5_layouts():
         ModelConfig.from_hf({**base, "model_type": "mistral"})
 
 
-@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
-def test_cached_forward_equals_uncached(checkpoints, scan_layers):
-    """Feeding a sequence in chunks through the cache = one uncached forward."""
+@pytest.mark.parametrize(
+    ("scan_layers", "block"),
+    [(True, None), (False, None), (False, 8)],
+    ids=["scan", "unrolled", "blocked-attention"],
+)
+def test_cached_forward_equals_uncached(checkpoints, scan_layers, block, monkeypatch):
+    """Feeding a sequence in chunks through the cache = one uncached forward.
+
+    With ``block=8`` the 32-slot cache is attended block by block (online softmax over
+    up to 3 blocks), the path long decode buffers take."""
+    if block is not None:
+        monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", block)
     lm = llm.load(checkpoints["qwen2"], scan_layers=scan_layers)
     ids = jnp.asarray(
         random_ids(np.random.default_rng(1), (2, 24), lm.config.vocab_size)

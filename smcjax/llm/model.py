@@ -124,6 +124,84 @@ def _rotate(x: Array, cos: Array, sin: Array) -> Array:
     return (x * cos + rot * sin).astype(x.dtype)
 
 
+def _attention(
+    q: Array, keys: Array, values: Array, q_pos: Array, key_pos: Array
+) -> Array:
+    """Masked softmax attention ``(B, K, Q, d)``; query ``i`` sees keys ``<= q_pos``."""
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    scores = jnp.einsum(
+        "bkqd,bksd->bkqs", q, keys.astype(q.dtype), preferred_element_type=jnp.float32
+    )
+    mask = (key_pos[:, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, Q, S)
+    scores = jnp.where(mask, scores * scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+    return jnp.einsum("bkqs,bksd->bkqd", probs, values)
+
+
+#: Cache-slot block of :func:`_blocked_attention`; buffers of at least
+#: ``2 * ATTENTION_BLOCK`` slots whose size is a multiple of it attend block by block.
+ATTENTION_BLOCK = 256
+
+
+def _attention_block(num_slots: int) -> int | None:
+    if num_slots >= 2 * ATTENTION_BLOCK and num_slots % ATTENTION_BLOCK == 0:
+        return ATTENTION_BLOCK
+    return None
+
+
+def _blocked_attention(
+    q: Array, keys: Array, values: Array, q_pos: Array, block: int
+) -> Array:
+    r"""Attention over only the cache blocks that hold valid keys (online softmax).
+
+    With a large buffer ``S``, reading every slot at every decode step costs as much
+    as reading the weights. Here a ``while_loop`` visits blocks ``0..n-1`` with
+    ``n = max_b(position_b) // block + 1`` (rows whose position is outside the buffer
+    are inactive and ignored) and accumulates, per query, the running maximum ``m``,
+    normaliser :math:`\ell = \sum_j e^{s_j - m}` and numerator
+    :math:`a = \sum_j e^{s_j - m} v_j`; the output is :math:`a / \ell`.
+    """
+    b, kh, nq, d = q.shape
+    s = keys.shape[2]
+    scale = 1.0 / np.sqrt(d)
+    valid = q_pos < s
+    n_blocks = jnp.max(jnp.where(valid, q_pos, 0)) // block + 1
+    neg = jnp.finfo(jnp.float32).min
+
+    def body(carry):
+        i, m, den, acc = carry
+        kb = jax.lax.dynamic_slice_in_dim(keys, i * block, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=2)
+        sc = (
+            jnp.einsum(
+                "bkqd,bksd->bkqs",
+                q,
+                kb.astype(q.dtype),
+                preferred_element_type=jnp.float32,
+            )
+            * scale
+        )
+        kpos = i * block + jnp.arange(block, dtype=q_pos.dtype)
+        mask = (kpos[None, None, :] <= q_pos[:, :, None])[:, None]  # (B, 1, Q, blk)
+        sc = jnp.where(mask, sc, neg)
+        m_new = jnp.maximum(m, sc.max(axis=-1))
+        p = jnp.where(mask, jnp.exp(sc - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        den = den * corr + p.sum(axis=-1)
+        pv = jnp.einsum("bkqs,bksd->bkqd", p.astype(vb.dtype), vb)
+        acc = acc * corr[..., None] + pv.astype(jnp.float32)
+        return i + 1, m_new, den, acc
+
+    init = (
+        jnp.zeros((), jnp.int32),
+        jnp.full((b, kh, nq), neg, jnp.float32),
+        jnp.zeros((b, kh, nq), jnp.float32),
+        jnp.zeros((b, kh, nq, d), jnp.float32),
+    )
+    _, _, den, acc = jax.lax.while_loop(lambda c: c[0] < n_blocks, body, init)
+    return (acc / jnp.maximum(den, 1e-30)[..., None]).astype(values.dtype)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention with rotary embeddings and a KV cache."""
 
@@ -180,17 +258,12 @@ class Attention(nnx.Module):
         g = h // kh
         # (B, T, K, G, d) -> (B, K, T*G, d): batch dims (B, K) lead, no cache transpose.
         q = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, d)
-        scores = jnp.einsum(
-            "bkqd,bksd->bkqs",
-            q,
-            keys.astype(q.dtype),
-            preferred_element_type=jnp.float32,
-        ) * (1.0 / np.sqrt(d))
-        mask = key_pos[:, None, :] <= positions[:, :, None]  # (B, T, S)
-        mask = jnp.repeat(mask, g, axis=1)[:, None]  # (B, 1, T*G, S)
-        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
-        out = jnp.einsum("bkqs,bksd->bkqd", probs, values)
+        q_pos = jnp.repeat(positions, g, axis=1)  # (B, T*G), query order (t, g)
+        block = _attention_block(keys.shape[2]) if cache is not None else None
+        if block is None or kv_len is not None:
+            out = _attention(q, keys, values, q_pos, key_pos)
+        else:
+            out = _blocked_attention(q, keys, values, q_pos, block)
         out = out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
         return self.o_proj(out.astype(x.dtype)), cache
 
