@@ -450,7 +450,7 @@ def _run(
 
 
 _COMPILED: dict[Any, Any] = {}
-_BUCKET = 64  # prompts are right-padded to a multiple of this: few compilations
+_BUCKET = 128  # prompts are right-padded to a multiple of this: few compilations
 
 
 def _executable(
