@@ -45,6 +45,7 @@ def run_one(cfg: str, lm, i: int, prob, opts, seed, out: Path):
         wall=r.wall_time,
         compile=r.compile_time,
         answers=r.answers,
+        text=r.text,
     )
     with out.open("a") as f:
         f.write(json.dumps(rec) + "\n")
