@@ -223,3 +223,17 @@ def test_generate_text_with_chat_template_and_stop(lm):
             )
         else:
             assert "\n\n" not in out.texts[i]
+
+
+def test_decode_under_vmap_over_keys(lm):
+    """Public drivers run under vmap over keys: each lane = its own decode call."""
+    ids = random_ids(np.random.default_rng(7), (2, 4), lm.config.vocab_size)
+    state = dec.prefill(lm, ids, np.array([4, 3]), 16)
+
+    def run(key):
+        return dec.decode(lm, key, state, max_new_tokens=5, temperature=1.0)[0].tokens
+
+    keys = jax.random.split(jax.random.key(11), 3)
+    batched = np.asarray(jax.jit(jax.vmap(run))(keys))
+    for i in range(3):
+        np.testing.assert_array_equal(batched[i], np.asarray(jax.jit(run)(keys[i])))

@@ -8,7 +8,7 @@ API
 ---
 ``state = prefill(model, prompt_tokens, prompt_lengths, max_len)``
     Runs the prompts (right-padded ``(B, P)`` int32 with their lengths ``(B,)``) through
-    the model once, filling a ``(B, num_layers, max_len, K, d)`` cache, and keeps the
+    the model once, filling a KV cache of ``max_len`` slots per row, and keeps the
     next-token logits. ``prefill_shared(model, prompt, num_copies, max_len)`` prefills
     ONE prompt and broadcasts it to ``num_copies`` rows (prompt sharing; see also
     :func:`broadcast_state`).
@@ -46,6 +46,15 @@ Conventions
 * Sampling: temperature ``τ`` gives :math:`q \propto p^{1/τ}`; ``top_p < 1``
   restricts :math:`q` to the smallest set of most likely tokens whose mass reaches
   ``top_p`` (nucleus); ``τ = 0`` is greedy.
+
+Performance notes
+-----------------
+* Jit the caller and donate the state (``jax.jit(..., donate_argnums=...)``) so the
+  cache is updated in place; inside the loop the cache is never copied.
+* Choose ``max_len`` as a multiple of 256 (and >= 512) for long buffers: decode then
+  attends only to the cache blocks that hold tokens (see ``model._blocked_attention``)
+  instead of all ``max_len`` slots.
+* ``top_p=1`` (static) skips the sort over the vocabulary.
 """
 
 from __future__ import annotations
@@ -95,7 +104,9 @@ class DecodeState(NamedTuple):
     prompt_lengths : Array
         ``(B,)`` int32, length of the prompt part.
     cache : KVCache
-        ``(B, num_layers, S, K, d)`` keys and values of the valid tokens.
+        Keys and values of the valid tokens, batch axis first on every leaf:
+        ``num_layers`` arrays ``(B, K, S, d)`` (unrolled layers) or one
+        ``(B, num_layers, K, S, d)`` array (scanned layers).
     logits : Array
         ``(B, V)`` float32 raw next-token logits.
     done : Array

@@ -27,7 +27,7 @@ passed to :func:`jax.jit` as an ordinary argument::
     logits, cache = transformer(tokens, positions, cache)
 
 ``tokens`` and ``positions`` are ``(B, T)`` int32. ``cache`` is a :class:`KVCache` whose
-leaves have the batch axis first, ``(B, num_layers, S, K, head_dim)``; the new keys and
+leaves have the batch axis first (``(B, K, S, head_dim)`` per layer); the new keys and
 values are written at ``positions`` (rows whose position is ``>= S`` are dropped, which
 is how inactive rows are masked out), and each query at position ``p`` attends to the
 cache slots ``j <= p`` of its own row. Sequences of different lengths therefore share a
@@ -540,7 +540,7 @@ def forward(
     tokens, positions : ArrayLike
         ``(B, T)`` int32 token ids and their absolute positions.
     cache : KVCache, optional
-        ``(B, num_layers, S, K, d)`` keys/values. Without a cache, attention is causal
+        Keys/values, batch axis first. Without a cache, attention is causal
         over the ``T`` given tokens (by position). With a cache, the new keys/values are
         written at ``positions`` and each query attends to slots ``j <= position``.
     kv_len : int, optional
