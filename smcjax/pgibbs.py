@@ -110,11 +110,18 @@ class CSMCInfo(NamedTuple):
     updated
         ``(T,)`` bool: whether the new trajectory's state at ``t`` differs from the
         reference's (the per-time *update rate* is its mean over iterations).
+    particles
+        Final particles :math:`X_{T-1}^{1:N}` (leading axis ``N``; the reference's
+        in slot ``pinned``), e.g. to pick an answer by final reward.
+    log_weights
+        ``(N,)`` their normalised log-weights :math:`\log W_{T-1}^{1:N}`.
     """
 
     log_evidence: Array
     ess: Array
     updated: Array
+    particles: ArrayTree = None
+    log_weights: Array = None
 
 
 class ParticleGibbsResult(NamedTuple):
@@ -465,7 +472,8 @@ def _sweep(
         updated = _differs(trajectory, reference)
     else:
         updated = jnp.ones((T,), bool)
-    return trajectory, CSMCInfo(log_z, ess_t, updated)
+    x_last = jax.tree.map(lambda h: h[-1], history)
+    return trajectory, CSMCInfo(log_z, ess_t, updated, x_last, log_w_last)
 
 
 def _check_options(
@@ -815,7 +823,8 @@ def particle_gibbs(
             )
             if param_update is not None:
                 theta = param_update(k_theta, theta, x_new, observations)
-            return (x_new, theta), (x_new, theta, info)
+            # keep the small diagnostics only (not the final particle systems)
+            return (x_new, theta), (x_new, theta, info._replace(particles=None))
 
         _, (trajs, thetas, infos) = jax.lax.scan(
             body, (trajectory, theta), jax.random.split(k_loop, num_iterations)
