@@ -61,10 +61,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from smcjax import resampling as _resampling
 from smcjax.core import FeynmanKac, batch_model, gather
 from smcjax.pt import TemperedKernel
-from smcjax.resampling import ess, log_normalize
+from smcjax.resampling import ess, get_conditional_resampler, log_normalize
 from smcjax.ssm import StateSpaceModel
 from smcjax.types import Array, ArrayTree, PRNGKey
 
@@ -195,20 +194,6 @@ def _differs(new: ArrayTree, old: ArrayTree) -> Array:
     for f in flags[1:]:
         out = out | f
     return out
-
-
-def _get_conditional_resampler(resampling: str | ConditionalResampler):
-    if callable(resampling):
-        return resampling
-    name = f"conditional_{resampling}"
-    fn = getattr(_resampling, name, None)
-    if fn is None:
-        raise ValueError(
-            f"unknown resampling={resampling!r} for conditional SMC; expected "
-            f"'multinomial', 'systematic', 'stratified' or a callable "
-            f"(key, log_weights, pinned, num_samples) -> ancestors"
-        )
-    return fn
 
 
 # ----------------------------------------------------------------------------------
@@ -362,7 +347,7 @@ def _sweep(
     bm = batch_model(model)
     log_trans_b = _batched_log_transition(model, log_transition)
     conditional = reference is not None
-    cond_resampler = _get_conditional_resampler(resampling)
+    cond_resampler = get_conditional_resampler(resampling)
     log_n = jnp.log(float(n))
 
     def clean(lg, name):
