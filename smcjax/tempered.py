@@ -188,7 +188,7 @@ def _solve_delta(log_lik: Array, max_delta: Array, target: float, n: int) -> Arr
 
     def cond(c):
         i, lo, hi, e_lo = c
-        return (i < 70) & ((e_lo - goal) > 1e-3 * goal) & (hi - lo > 1e-12)
+        return (i < 50) & ((e_lo - goal) > 1e-3 * goal) & (hi - lo > 1e-12)
 
     def body(c):
         i, lo, hi, e_lo = c
@@ -248,7 +248,8 @@ def tempered_smc(
         Fraction of ``N`` the ESS of the incremental weights should keep (adaptive).
     schedule
         ``None`` for adaptive tempering, else increasing temperatures ending at 1 (a
-        leading 0 is added if missing).
+        leading 0 is added if missing; a *traced* schedule, e.g. a ``jit`` argument,
+        is not checked and must start with 0).
     waste_free
         Waste-free SMC (Dau & Chopin 2022), see the module docstring.
     resampling
