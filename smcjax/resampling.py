@@ -175,7 +175,7 @@ class ConditionalResampler(Protocol):
 
 
 def _clean(log_weights: ArrayLike) -> Array:
-    """Validate; map NaN to -inf and +inf to "all the mass on the +inf entries"."""
+    """Validate (trace-time errors naming the argument); map NaN to ``-inf``."""
     lw = jnp.asarray(log_weights)
     if lw.ndim != 1:
         raise ValueError(
@@ -185,21 +185,20 @@ def _clean(log_weights: ArrayLike) -> Array:
         raise ValueError("log_weights must contain at least one particle (N >= 1)")
     if not jnp.issubdtype(lw.dtype, jnp.floating) or lw.dtype.itemsize < 4:
         lw = lw.astype(jnp.float32)  # integers, float16 and bfloat16
-    lw = jnp.where(jnp.isnan(lw), -jnp.inf, lw)
-    has_pos_inf = jnp.any(lw == jnp.inf)
-    return jnp.where(has_pos_inf, jnp.where(lw == jnp.inf, 0.0, -jnp.inf), lw)
+    return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
 
 
 def _weights(lw: Array) -> tuple[Array, Array]:
-    """Unnormalised weights ``exp(ℓ - max ℓ)`` in ``[0, 1]`` and the max.
+    """Unnormalised weights in ``[0, 1]`` and ``max ℓ``.
 
-    The largest weight is exactly 1, so the total lies in ``[1, N]``. When every
-    weight is zero the weights are all ones (the uniform fallback).
+    ``exp(ℓ - max ℓ)``, so the largest weight is exactly 1 and the total lies in
+    ``[1, N]``; if some ``ℓ = +inf``, the indicator of those entries (they share the
+    mass); if every weight is zero, all ones (the uniform fallback).
     """
     m = jnp.max(lw)
-    finite = jnp.isfinite(m)
-    w = jnp.exp(lw - jnp.where(finite, m, 0.0))
-    return jnp.where(finite, w, jnp.ones_like(w)), m
+    w = jnp.exp(lw - jnp.where(jnp.isfinite(m), m, 0.0))
+    w = jnp.where(m == jnp.inf, (lw == jnp.inf).astype(lw.dtype), w)
+    return jnp.where(m == -jnp.inf, jnp.ones_like(w), w), m
 
 
 def log_normalize(log_weights: ArrayLike) -> tuple[Array, Array]:
@@ -219,14 +218,12 @@ def log_normalize(log_weights: ArrayLike) -> tuple[Array, Array]:
         ``+inf`` entries share the mass equally and ``log_sum`` is ``+inf``.
     """
     lw = _clean(log_weights)
-    n = lw.shape[0]
-    m = jnp.max(lw)
+    w, m = _weights(lw)
+    log_total = jnp.log(jnp.sum(w))
     finite = jnp.isfinite(m)
-    shift = jnp.where(finite, m, 0.0)
-    log_sum = shift + jnp.log(jnp.sum(jnp.exp(lw - shift)))
-    log_w = jnp.where(finite, lw - log_sum, -jnp.log(float(n)))
-    pos_inf = jnp.any(jnp.asarray(log_weights) == jnp.inf)
-    log_sum = jnp.where(pos_inf, jnp.inf, jnp.where(finite, log_sum, -jnp.inf))
+    # Log domain where possible: tiny weights keep their log-weight (no underflow).
+    log_w = jnp.where(finite, lw - jnp.where(finite, m, 0.0), jnp.log(w)) - log_total
+    log_sum = jnp.where(finite, m + log_total, m)
     return log_w, log_sum
 
 
@@ -244,7 +241,7 @@ def ess(log_weights: ArrayLike) -> Array:
     lw = _clean(log_weights)
     w, m = _weights(lw)
     out = jnp.square(jnp.sum(w)) / jnp.sum(jnp.square(w))
-    return jnp.where(jnp.isfinite(m), out, jnp.zeros_like(out))
+    return jnp.where(m == -jnp.inf, jnp.zeros_like(out), out)
 
 
 # --------------------------------------------------------------------------------------
