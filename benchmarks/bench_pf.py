@@ -11,7 +11,10 @@ Rows:
   * the same with ``jax.random.key(seed, impl="rbg")``;
   * ``smcjax.smc`` on a one-particle FeynmanKac model written with raw ``jax.random``
     (one key per particle, split+vmap: the generic engine path);
-  * ``particles.SMC`` with ``Bootstrap(LinearGauss)``.
+  * ``particles.SMC`` with ``Bootstrap(LinearGauss)``;
+  * two diagnostic rows (not filters) splitting smcjax's time: the same engine with
+    the identity in place of the resampler ("engine w/o resampling"), and T calls of
+    ``smcjax.resampling.systematic`` alone.
 
 Throughput is particle-steps per second (N·T / wall time of one run, best of
 ``--reps``); compile time (lower + compile) is reported separately. Each log-evidence
@@ -66,6 +69,11 @@ def one_particle_fk(ys):
     )
 
 
+def identity(key, log_weights, num_samples=None):
+    """Not a resampler: keeps every particle (used only to time the engine)."""
+    return jnp.arange(log_weights.shape[0], dtype=jnp.int32)
+
+
 def time_jax(fn, key, reps):
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(key).compile()
@@ -76,7 +84,8 @@ def time_jax(fn, key, reps):
         t0 = time.perf_counter()
         out = jax.block_until_ready(compiled(key))
         times.append(time.perf_counter() - t0)
-    return min(times), compile_s, float(out)
+    log_z = out.log_evidence if isinstance(out, smcjax.SMCResult) else out
+    return min(times), compile_s, float(log_z)
 
 
 def time_particles(y, n, reps):
@@ -139,12 +148,33 @@ def main() -> None:
         def generic(key, n=n):
             return smcjax.smc(key, fk, n, T, ess_threshold=1.0).log_evidence
 
+        def no_resampling(key, n=n):
+            fk_pf = smcjax.ssm.bootstrap(MODEL, ys)
+            return smcjax.smc(key, fk_pf, n, T, ess_threshold=1.0, resampling=identity)
+
+        def resampling_only(key, n=n):
+            lw = jax.random.normal(key, (n,))
+
+            def body(c, k):
+                # the carry makes every call depend on the previous one
+                return c + smcjax.resampling.systematic(k, lw + 1e-9 * c[0]), None
+
+            init = jnp.zeros(n, jnp.int32)
+            out = jax.lax.scan(body, init, jax.random.split(key, T))[0]
+            return out[0].astype(jnp.float32)
+
         variants = [
             ("smcjax.particle_filter (threefry)", pf, jax.random.key(0)),
             ("smcjax.particle_filter (rbg key)", pf, jax.random.key(0, impl="rbg")),
             (
                 "smcjax.smc one-particle FK (per-particle keys)",
                 generic,
+                jax.random.key(0),
+            ),
+            ("diagnostic: engine w/o resampling", no_resampling, jax.random.key(0)),
+            (
+                "diagnostic: systematic resampling only",
+                resampling_only,
                 jax.random.key(0),
             ),
         ]
@@ -187,9 +217,10 @@ def main() -> None:
         p_run = res["particles 0.4"][0]
         for name, (run_s, comp_s, log_z) in res.items():
             comp = "–" if np.isnan(comp_s) else f"{comp_s:.2f}"
+            lz = "–" if name.startswith("diagnostic") else f"{log_z:.2f}"
             lines.append(
                 f"| {n:.0e} | {name} | {run_s * 1e3:.1f} | {n * T / run_s / 1e6:.1f} | "
-                f"{comp} | {log_z:.2f} | {p_run / run_s:.2f} |"
+                f"{comp} | {lz} | {p_run / run_s:.2f} |"
             )
     n_ref = 100_000 if any(n == 100_000 for n, _ in rows) else rows[-1][0]
     res = dict(rows)[n_ref]
