@@ -152,7 +152,7 @@ def bench_hf(hf_config, tensors, batches, prompt_len, new_tokens, rng):
     }
     if cfg.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=False, assign=True)  # share, no copy
     model.tie_weights()
     model.eval()
     rows = {}
@@ -204,6 +204,8 @@ def main() -> None:
         lm, batches, args.prompt_len, new_tokens, np.random.default_rng(0)
     )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    del lm, params  # free the JAX weights before building the torch model
+    jax.clear_caches()
     theirs = {}
     if not args.no_hf:
         theirs = bench_hf(
