@@ -15,6 +15,7 @@ from smcjax import (
     pmmh,
     pt,
     resampling,
+    sharding,
     smoothing,
     ssm,
     tempered,
@@ -22,11 +23,21 @@ from smcjax import (
 from smcjax.core import FeynmanKac, SMCInfo, SMCResult, SMCState, smc
 from smcjax.pgibbs import particle_gibbs
 from smcjax.pt import parallel_tempering
-from smcjax.resampling import ess
+from smcjax.resampling import ess, get_conditional_resampler, get_resampler
 from smcjax.ssm import StateSpaceModel, particle_filter
 from smcjax.tempered import tempered_smc
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``smcjax.llm`` pulls in transformers and the tokenizers: import it on first use.
+    if name == "llm":
+        import importlib
+
+        return importlib.import_module("smcjax.llm")
+    raise AttributeError(f"module 'smcjax' has no attribute {name!r}")
+
 
 __all__ = [
     "FeynmanKac",
@@ -35,7 +46,10 @@ __all__ = [
     "SMCState",
     "StateSpaceModel",
     "ess",
+    "get_conditional_resampler",
+    "get_resampler",
     "kalman",
+    "llm",
     "mcmc",
     "numpyro",
     "parallel_tempering",
@@ -45,6 +59,7 @@ __all__ = [
     "pmmh",
     "pt",
     "resampling",
+    "sharding",
     "smc",
     "smoothing",
     "ssm",
