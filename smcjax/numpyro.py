@@ -274,12 +274,33 @@ def tempered_smc(
     >>> bool(jnp.all(out.samples["sigma"] > 0))
     True
     """
+    _check_sampler_options(kw)
     target = split_model(model, *model_args, model_kwargs=model_kwargs)
     k_init, k_smc = jax.random.split(key)
     u0 = target.sample_prior(k_init, num_particles)
     res = _tempered_smc(k_smc, target.log_prior, target.log_likelihood, u0, **kw)
     samples = jax.vmap(target.constrain)(res.particles)
     return NumPyroSMCResult(samples, res.log_evidence, res)
+
+
+def _check_sampler_options(kw: dict) -> None:
+    """Reject keywords that are not options of :func:`smcjax.tempered_smc`.
+
+    A model keyword passed by mistake as ``y=...`` would otherwise be silently
+    lost (the model would then have no observed site).
+    """
+    import inspect
+
+    params = inspect.signature(_tempered_smc).parameters
+    allowed = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    unknown = sorted(set(kw) - allowed)
+    if unknown:
+        raise TypeError(
+            f"unknown keyword argument(s) {unknown} for smcjax.numpyro.tempered_smc; "
+            f"pass the model's keyword arguments as model_kwargs={{...}}, e.g. "
+            f"model_kwargs={{{unknown[0]!r}: ...}}; sampler options are "
+            f"{sorted(allowed)}"
+        )
 
 
 def to_arviz(result: NumPyroSMCResult, **kwargs: Any):

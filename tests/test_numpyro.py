@@ -168,6 +168,15 @@ def test_model_without_observed_site_is_an_error():
         snp.tempered_smc(jax.random.key(0), prior_only, num_particles=10)
 
 
+def test_model_keyword_passed_as_sampler_option_is_an_error():
+    def model(y=None):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        numpyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    with pytest.raises(TypeError, match=r"model_kwargs=\{'y': \.\.\.\}"):
+        snp.tempered_smc(jax.random.key(0), model, y=1.0, num_particles=10)
+
+
 def test_discrete_latent_site_is_an_error():
     def model(y):
         k = numpyro.sample("k", dist.Bernoulli(0.5))
