@@ -233,9 +233,7 @@ def test_prm_incremental_scores_match_torch_on_the_full_input(tmp_path, aggregat
     import torch
     from llm_fixtures import load_torch, make_checkpoint
 
-    llm = pytest.importorskip("smcjax.llm")
-    if not hasattr(llm, "load_prm"):
-        pytest.skip("smcjax.llm.load_prm is not available in this checkout")
+    import smcjax.llm as llm
     from smcjax.llm.rewards import prm_reward
 
     path = make_checkpoint(tmp_path / "prm", prm=True, seed=2)
