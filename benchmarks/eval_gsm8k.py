@@ -4,6 +4,9 @@
     python benchmarks/eval_gsm8k.py --limit 10 --configs greedy,pf4:self-certainty
     python benchmarks/eval_gsm8k.py --quick                          # 3 questions
 
+Questions are batched: ``--rows`` LM rows (questions x particles) run in one vmapped
+program, and question ``i`` always gets the key ``fold_in(key(seed), i)``.
+
 Configurations are ``greedy`` or ``pf<N>:<reward>`` (rewards: self-certainty,
 arithmetic, judge). Every finished question is appended to ``--out`` (jsonl), so a
 long run can be interrupted and resumed (``--resume`` skips what is already there).
@@ -25,35 +28,51 @@ DEFAULT_CONFIGS = (
 )
 
 
-def run_one(cfg: str, lm, i: int, prob, opts, seed, out: Path):
-    from smcjax.llm.answers import grade
-    from smcjax.llm.its import greedy, particle_filter
+def run_batch(cfg: str, lm, idx, probs, opts, seed, out: Path, rows: int):
+    """Run ``cfg`` on several questions in one vmapped program (``rows`` LM rows).
 
-    key = jax.random.fold_in(jax.random.key(seed), i)
+    Question ``i`` (its index in the dataset) always gets the key
+    ``fold_in(key(seed), i)``, whatever batch it lands in.
+    """
+    from smcjax.llm.answers import grade
+    from smcjax.llm.its import particle_filter_batch
+
     if cfg == "greedy":
-        r = greedy(key, lm, prob.question, **opts)
+        n, reward = 1, "self-certainty"
+        extra = dict(temperature=0.0, ess_threshold=0.0, weights="fk")
     else:
-        n, reward = cfg[2:].split(":")
-        r = particle_filter(key, lm, reward, prob.question, int(n), **opts)
-    rec = dict(
-        config=cfg,
-        id=prob.id,
-        gold=prob.answer,
-        answer=r.answer,
-        correct=bool(grade(r.answer, prob.answer)),
-        tokens=r.tokens_generated,
-        wall=r.wall_time,
-        compile=r.compile_time,
-        answers=r.answers,
-        text=r.text,
-    )
-    with out.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(
-        f"{cfg} q{prob.id}: {r.answer!s:>10} vs {prob.answer:>8} "
-        f"{'ok' if rec['correct'] else '--'} ({r.wall_time:.0f}s)",
-        flush=True,
-    )
+        n_s, reward = cfg[2:].split(":")
+        n, extra = int(n_s), {}
+    per = max(1, rows // n)
+    for s in range(0, len(idx), per):
+        ii, pp = idx[s : s + per], probs[s : s + per]
+        keys = jax.numpy.stack(
+            [jax.random.fold_in(jax.random.key(seed), i) for i in ii]
+        )
+        rs = particle_filter_batch(
+            keys, lm, reward, [p.question for p in pp], n, **opts, **extra
+        )
+        for prob, r in zip(pp, rs, strict=True):
+            rec = dict(
+                config=cfg,
+                id=prob.id,
+                gold=prob.answer,
+                answer=r.answer,
+                correct=bool(grade(r.answer, prob.answer)),
+                tokens=r.tokens_generated,
+                wall=r.wall_time / len(pp),
+                compile=r.compile_time / len(pp),
+                batch=len(pp),
+                answers=r.answers,
+                text=r.text,
+            )
+            with out.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(
+                f"{cfg} q{prob.id}: {r.answer!s:>10} vs {prob.answer:>8} "
+                f"{'ok' if rec['correct'] else '--'} ({rec['wall']:.0f}s/question)",
+                flush=True,
+            )
 
 
 def table(out: Path, configs) -> str:
@@ -92,6 +111,9 @@ def main() -> None:
     ap.add_argument("--step-cap", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=320)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--rows", type=int, default=16, help="LM rows per batch (questions x N)"
+    )
     a = ap.parse_args()
     from smcjax.llm import load
     from smcjax.llm.data import load_dataset
@@ -116,12 +138,18 @@ def main() -> None:
     opts = dict(
         max_steps=a.max_steps, step_cap=a.step_cap, max_new_tokens=a.max_new_tokens
     )
-    # question-major, so that an interrupted run still compares configs on the same
-    # questions
-    for i, prob in enumerate(problems):
+    # chunk-major (every config on a chunk of questions before the next chunk), so
+    # that an interrupted run still compares configs on the same questions
+    for c in range(0, len(problems), a.rows):
         for cfg in configs:
-            if (cfg, prob.id) not in done:
-                run_one(cfg, lm, i, prob, opts, a.seed, out)
+            idx = [
+                i
+                for i in range(c, min(c + a.rows, len(problems)))
+                if (cfg, problems[i].id) not in done
+            ]
+            if idx:
+                probs = [problems[i] for i in idx]
+                run_batch(cfg, lm, idx, probs, opts, a.seed, out, a.rows)
     print()
     print(f"GSM8K test, first {a.limit} questions, caps {opts}, seed {a.seed}")
     print(table(out, configs))

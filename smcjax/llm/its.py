@@ -783,10 +783,12 @@ def particle_filter_batch(
 ) -> list[ParticleFilterResult]:
     """:func:`particle_filter` for many questions in ONE vmapped program.
 
-    Question ``q`` uses ``jax.random.split(key, len(questions))[q]``; with the same
-    keys, each result equals a separate :func:`particle_filter` run up to float
-    round-off (prompts are right-padded to a common length). ``wall_time`` of each
-    result is the batch's total.
+    Question ``q`` uses ``jax.random.split(key, len(questions))[q]``, or ``key[q]``
+    when ``key`` is an array of one key per question (shape ``(len(questions),)``,
+    so that a question's randomness need not depend on the batch it lands in); with
+    the same keys, each result equals a separate :func:`particle_filter` run up to
+    float round-off (prompts are right-padded to a common length). ``wall_time`` of
+    each result is the batch's total.
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a sequence of strings, not one string")
@@ -799,7 +801,18 @@ def particle_filter_batch(
     prompt = _pad(prompts, multiple=_BUCKET)
     prepared_list = [rw.prepare(q) for q in questions]
     prepared = jax.tree.map(lambda *xs: _pad_leaf(xs), *prepared_list)
-    keys = jax.random.split(key, len(questions))
+    if jnp.ndim(key) == 0 or (
+        not jax.dtypes.issubdtype(jnp.asarray(key).dtype, jax.dtypes.prng_key)
+        and jnp.ndim(key) == 1
+    ):
+        keys = jax.random.split(key, len(questions))
+    else:
+        keys = key
+        if keys.shape[0] != len(questions):
+            raise ValueError(
+                f"key holds {keys.shape[0]} keys but there are {len(questions)} "
+                "questions; pass one key or one key per question"
+            )
     args = (keys, lm, rw.params, prompt, plens, prepared)
     t0 = time.perf_counter()
     exe, comp = _executable(rw, n, opts, lm, _tables(lm), True, args)
