@@ -110,6 +110,34 @@ def test_sampler_frequencies_match_the_target(top_p):
     )
 
 
+@pytest.mark.parametrize("traced_tau", [False, True], ids=["static", "traced"])
+def test_two_level_sampler_over_many_blocks(traced_tau):
+    """A 1000-entry vocabulary (8 blocks of 128, the last one padded), every 7th entry
+    at probability 0: per-token frequencies of 20000 independent rows within 5
+    binomial standard errors of q, zero-probability entries never drawn, and the
+    returned log p / log q equal to the float64 values of the drawn tokens."""
+    rng = np.random.default_rng(0)
+    v, n, tau = 1000, 20000, 1.3
+    row = rng.normal(0.0, 1.5, v)
+    row[::7] = -np.inf
+    logits = jnp.broadcast_to(jnp.asarray(row, jnp.float32), (n, v))
+    t = jnp.float32(tau) if traced_tau else tau
+    toks, lp, lq = jax.jit(dec.sample_tokens)(jax.random.key(2), logits, t)
+    toks = np.asarray(toks)
+    p = np.exp(row - np.logaddexp.reduce(row))
+    q = np.exp(row / tau - np.logaddexp.reduce(row / tau))
+    assert (q[toks] > 0).all()
+    freq = np.bincount(toks, minlength=v) / n
+    se = np.sqrt(q * (1 - q) / n)
+    assert (np.abs(freq - q) <= 5 * se + 1e-12).all()
+    np.testing.assert_allclose(np.asarray(lp), np.log(p[toks]), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(lq), np.log(q[toks]), atol=2e-5)
+    greedy = dec.sample_tokens(jax.random.key(2), logits[:2], 0.0)
+    np.testing.assert_array_equal(greedy[0], np.argmax(row))
+    np.testing.assert_allclose(greedy[1], np.log(p.max()), atol=2e-5)
+    np.testing.assert_array_equal(greedy[2], 0.0)
+
+
 def test_stop_automaton_on_token_texts():
     texts = ["a", "\n", "\n\n", ".\n\n", ".\n", "b\n\nc", "\n\n\n", "x\n"]
     table = dec._build_table(["\n\n"], texts)

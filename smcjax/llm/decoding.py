@@ -249,10 +249,54 @@ def stop_table_from_ids(stops: Sequence[Sequence[int]], vocab_size: int) -> Stop
 # ------------------------------------------------------------------------ sampling
 
 
+#: Block width of the two-level inverse-CDF sampler (:func:`_inverse_cdf`).
+SAMPLER_BLOCK = 128
+
+
+def _inverse_cdf(key: PRNGKey, weights: Array) -> Array:
+    r"""One draw per row from unnormalised weights ``(B, V)`` with ONE uniform per row.
+
+    Exact two-level inverse-CDF sampling: with the vocabulary cut into blocks of
+    :data:`SAMPLER_BLOCK` entries (the last one zero-padded), block sums
+    :math:`s_k` and their running totals :math:`c_k = \sum_{l \le k} s_l`, a uniform
+    :math:`u \sim U[0, c_{last})` selects the first block with :math:`c_k > u`, and
+    :math:`r = u - c_{k-1}` selects inside that block the first entry whose running
+    total exceeds ``r``. Only the block sums and one block per row are scanned (no
+    cumulative sum over the whole vocabulary, no sort, no Gumbel variate per entry).
+    Both searches use strict ``>``, so an entry of weight 0 is never returned (``r`` is
+    clamped below the block's own total to absorb the rounding difference between a
+    reduction and a cumulative sum).
+    """
+    b, v = weights.shape
+    c = SAMPLER_BLOCK
+    nb = -(-v // c)
+    if nb * c != v:
+        weights = jnp.pad(weights, ((0, 0), (0, nb * c - v)))
+    blocks = weights.reshape(b, nb, c)
+    csum = jnp.cumsum(blocks.sum(axis=-1), axis=-1)  # (B, nb)
+    total = csum[:, -1]
+    u = jax.random.uniform(key, (b,), jnp.float32) * total
+    u = jnp.minimum(u, jnp.nextafter(total, 0.0))
+    k = jnp.minimum(jnp.sum(csum <= u[:, None], axis=-1), nb - 1)
+    before = jnp.where(k > 0, jnp.take_along_axis(csum, (k - 1)[:, None], 1)[:, 0], 0.0)
+    inner = jnp.cumsum(jnp.take_along_axis(blocks, k[:, None, None], 1)[:, 0], axis=-1)
+    r = jnp.minimum(jnp.maximum(u - before, 0.0), jnp.nextafter(inner[:, -1], 0.0))
+    j = jnp.minimum(jnp.sum(inner <= r[:, None], axis=-1), c - 1)
+    # (A row of zero weights, e.g. NaN logits, is clamped into the vocabulary.)
+    return jnp.minimum(k * c + j, v - 1).astype(jnp.int32)
+
+
 def sample_tokens(
     key: PRNGKey, logits: Array, temperature: ArrayLike = 1.0, top_p: float = 1.0
 ) -> tuple[Array, Array, Array]:
     r"""Sample one token per row from ``softmax(logits / τ)`` with nucleus ``top_p``.
+
+    With :math:`m = \max_v \ell_v`, the raw log-probability of token ``x`` is
+    :math:`\log p(x) = (\ell_x - m) - \log \sum_v e^{\ell_v - m}` and the proposal
+    weights are :math:`w_v = e^{(\ell_v - m)/τ}` (0 outside the nucleus), so
+    :math:`\log q(x) = \log w_x - \log \sum_v w_v`. Only these two log-normalisers
+    and the chosen entries are computed (no full ``log_softmax``); the draw is
+    :func:`_inverse_cdf` on ``w`` (one uniform per row).
 
     Parameters
     ----------
@@ -261,7 +305,7 @@ def sample_tokens(
         ``(B, V)`` raw logits.
     temperature : ArrayLike
         ``τ > 0`` samples from :math:`q \propto p^{1/τ}`; ``τ <= 0`` is greedy. May be
-        traced.
+        traced; a Python number ``<= 0`` skips the sampler at trace time.
     top_p : float
         Static nucleus mass; ``1.0`` disables it (and its sort over the vocabulary).
 
@@ -274,33 +318,40 @@ def sample_tokens(
     proposal_logprob : Array
         ``(B,)`` :math:`\log q(x)` (0 when greedy).
     """
-    logits = logits.astype(jnp.float32)
-    raw = jax.nn.log_softmax(logits, axis=-1)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    greedy = temperature <= 0
-    scaled = logits / jnp.where(greedy, 1.0, temperature)
     if not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    logits = logits.astype(jnp.float32)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    centred = logits - m
+    log_z = jnp.log(jnp.sum(jnp.exp(centred), axis=-1))
+    greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def chosen(x: Array, tok: Array) -> Array:
+        return jnp.take_along_axis(x, tok[:, None], -1)[:, 0]
+
+    static_t = isinstance(temperature, int | float) and not isinstance(
+        temperature, bool
+    )
+    if static_t and temperature <= 0:  # greedy, known at trace time
+        return greedy_tok, chosen(centred, greedy_tok) - log_z, jnp.zeros_like(log_z)
+
+    unit = static_t and temperature == 1.0
+    temperature = jnp.asarray(temperature, jnp.float32)
+    greedy = temperature <= 0
+    # Scaled logits, maximum entry 0.
+    scaled = centred if unit else centred / jnp.where(greedy, 1.0, temperature)
     if top_p < 1.0:
         srt = jnp.sort(scaled, axis=-1)[:, ::-1]
-        cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+        prob = jax.nn.softmax(srt, axis=-1)
         # Keep the most likely tokens until the mass *before* them reaches top_p.
-        keep = (cum - jax.nn.softmax(srt, axis=-1)) < top_p
+        keep = (jnp.cumsum(prob, axis=-1) - prob) < top_p
         cutoff = jnp.min(jnp.where(keep, srt, jnp.inf), axis=-1, keepdims=True)
         scaled = jnp.where(scaled >= cutoff, scaled, -jnp.inf)
-    prop = jax.nn.log_softmax(scaled, axis=-1)
-    # Inverse-CDF sampling: one uniform per row, not one Gumbel per vocabulary entry.
-    cdf = jnp.cumsum(jnp.exp(prop), axis=-1)
-    u = jax.random.uniform(key, (logits.shape[0], 1)) * cdf[:, -1:]
-    sampled = jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
-    sampled = jnp.where(
-        jnp.isneginf(jnp.take_along_axis(prop, sampled[:, None], -1)[:, 0]),
-        jnp.argmax(prop, axis=-1),
-        sampled,
-    )
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-    lp = jnp.take_along_axis(raw, tokens[:, None], -1)[:, 0]
-    lq = jnp.where(greedy, 0.0, jnp.take_along_axis(prop, tokens[:, None], -1)[:, 0])
+    w = jnp.exp(scaled)
+    log_zq = jnp.log(jnp.sum(w, axis=-1))
+    tokens = jnp.where(greedy, greedy_tok, _inverse_cdf(key, w))
+    lp = chosen(centred, tokens) - log_z
+    lq = jnp.where(greedy, 0.0, chosen(scaled, tokens) - log_zq)
     return tokens, lp, lq
 
 
