@@ -52,11 +52,11 @@ written on) and ``jnp.searchsorted`` (a vectorised binary search: ~60 ms for
 :math:`10^6` queries, ~3 ms per halving step) are the bottlenecks of the textbook
 "``cumsum`` + ``searchsorted``" resampler (BlackJAX's design). smcjax avoids both:
 
-1. *Prefix sums* are blocked (:class:`_PrefixTree`): the array is viewed as rows of
-   16, each row's prefix sums are one product with an upper-triangular matrix of ones
-   (a fixed-order dot product, vectorised by the BLAS), the row totals are summed the
-   same way recursively, and the global prefix is added top-down: ~1.5 ms for
-   :math:`10^6` floats.
+1. *Prefix sums* are blocked (:func:`_blocked_cumsum`): the array is viewed as rows
+   of 16, each row's prefix sums are one product with an upper-triangular matrix of
+   ones (a fixed-order dot product, vectorised), the row totals are summed the same
+   way recursively, and the global prefix is added top-down in one elementwise pass
+   that XLA fuses with the rank computation below.
 2. Instead of searching for every point :math:`u^m`, the *rank* of every cumulative
    weight, :math:`K^i = \#\{m : u^m < C^i\}`, is computed in :math:`O(1)`:
    :math:`K^i = \lceil M C^i - U \rceil` for systematic;
@@ -75,14 +75,20 @@ written on) and ``jnp.searchsorted`` (a vectorised binary search: ~60 ms for
 ``benchmarks/results_resampling.md``). Multinomial and stratified resampling are bound
 by the random number generator (threefry draws ~150 M uniforms/s on this CPU).
 
-Precision. The ranks are made *consistent* across the blocks of the prefix tree (each
-block's ranks are clipped between its neighbours' at the coarser level, and the
-rounding mismatch goes to the block's last positive particle), so the ranks never
-decrease, a zero-weight particle never gets an offspring, the last positive particle
-closes the range, and no index can leave ``[0, N)``, whatever the rounding. In float32
-the cumulative weights carry relative errors of order :math:`2^{-24}\log_{16} N`; the
-resulting count biases are :math:`O(2^{-24} M)` per particle, telescoping (they move
-mass between neighbouring particles only), far below Monte Carlo error. With
+Precision. The prefix sums are made *consistent* across the blocks of the tree: each
+block's prefixes are clamped to the block's end value at the coarser level, and from
+the block's last positive entry on they equal it exactly (see :func:`_blocked_cumsum`).
+So, whatever the rounding, the cumulative weights never decrease, a zero weight leaves
+them exactly unchanged, and they reach the total exactly at the last positive particle.
+The ranks are a non-decreasing function of them, closed at :math:`M` from the total on,
+so the ranks never decrease, a zero-weight particle never gets an offspring (also for
+``NaN``/``-inf`` log-weights, whose weight is exactly zero), and no index can leave
+``[0, N)``. In float32 the cumulative weights carry relative errors of order
+:math:`2^{-24}\log_{16} N`; the resulting count biases are :math:`O(2^{-24} M)` per
+particle, telescoping (they move mass between neighbouring particles only), far below
+Monte Carlo error; for the same reason the systematic :math:`\lfloor M W^i \rfloor` /
+:math:`\lceil M W^i \rceil` guarantee holds up to this rounding (at :math:`M = 10^6` in
+float32 a few particles per call can be off by one). With
 ``jax.experimental.enable_x64()`` and float64 log-weights everything runs in float64.
 
 Conditional resamplers
@@ -175,7 +181,10 @@ class ConditionalResampler(Protocol):
 
 
 def _clean(log_weights: ArrayLike) -> Array:
-    """Validate (trace-time errors naming the argument); map NaN to ``-inf``."""
+    """Validate (trace-time errors naming the argument); upcast to >= float32.
+
+    ``NaN`` entries are left in place; :func:`_weights` gives them weight zero.
+    """
     lw = jnp.asarray(log_weights)
     if lw.ndim != 1:
         raise ValueError(
@@ -185,18 +194,33 @@ def _clean(log_weights: ArrayLike) -> Array:
         raise ValueError("log_weights must contain at least one particle (N >= 1)")
     if not jnp.issubdtype(lw.dtype, jnp.floating) or lw.dtype.itemsize < 4:
         lw = lw.astype(jnp.float32)  # integers, float16 and bfloat16
-    return jnp.where(jnp.isnan(lw), -jnp.inf, lw)
+    return lw
+
+
+def _max(lw: Array) -> Array:
+    """``max ℓ`` ignoring NaN entries (``-inf`` if all are NaN or ``-inf``).
+
+    The plain maximum is one fast reduction; only if it is NaN (some entry is NaN)
+    is the masked maximum computed, in a ``lax.cond``.
+    """
+    m = jnp.max(lw)
+    return lax.cond(
+        jnp.isnan(m),
+        lambda: jnp.max(jnp.where(jnp.isnan(lw), -jnp.inf, lw)),
+        lambda: m,
+    )
 
 
 def _weights(lw: Array) -> tuple[Array, Array]:
-    """Unnormalised weights in ``[0, 1]`` and ``max ℓ``.
+    """Unnormalised weights in ``[0, 1]`` and ``max ℓ`` (``NaN`` entries = ``-inf``).
 
     ``exp(ℓ - max ℓ)``, so the largest weight is exactly 1 and the total lies in
     ``[1, N]``; if some ``ℓ = +inf``, the indicator of those entries (they share the
     mass); if every weight is zero, all ones (the uniform fallback).
     """
-    m = jnp.max(lw)
+    m = _max(lw)
     w = jnp.exp(lw - jnp.where(jnp.isfinite(m), m, 0.0))
+    w = jnp.where(jnp.isnan(lw), 0.0, w)
     w = jnp.where(m == jnp.inf, (lw == jnp.inf).astype(lw.dtype), w)
     return jnp.where(m == -jnp.inf, jnp.ones_like(w), w), m
 
@@ -222,7 +246,8 @@ def log_normalize(log_weights: ArrayLike) -> tuple[Array, Array]:
     log_total = jnp.log(jnp.sum(w))
     finite = jnp.isfinite(m)
     # Log domain where possible: tiny weights keep their log-weight (no underflow).
-    log_w = jnp.where(finite, lw - jnp.where(finite, m, 0.0), jnp.log(w)) - log_total
+    keep = finite & ~jnp.isnan(lw)
+    log_w = jnp.where(keep, lw - jnp.where(finite, m, 0.0), jnp.log(w)) - log_total
     log_sum = jnp.where(finite, m + log_total, m)
     return log_w, log_sum
 
@@ -261,151 +286,133 @@ def _dot_tri(x: Array, n: int) -> Array:
     return jnp.dot(x, tri, precision=lax.Precision.HIGHEST)
 
 
-def _materialise(x: Array, exact_int_bound: int | None = None) -> Array:
-    """Identity on a ``(rows, _BLOCK)`` array, computed so XLA stores it in memory.
+def _materialise(x: Array) -> Array:
+    """Identity on a ``(rows, _BLOCK)`` float array, computed so XLA stores it.
 
     XLA fuses cheap elementwise producers into their consumers and *recomputes* them
-    per consumer element; through the broadcasts between levels of :class:`_PrefixTree`
+    per consumer element; through the broadcasts between levels of the prefix tree
     that recomputes the whole coarse-level chain for every particle (~10x slower on
     CPU). ``optimization_barrier`` is stripped before fusion on CPU, so the values go
-    through a product with the identity matrix (exact; integers go through float32,
-    exact below ``2**24``, and larger ones are left alone).
+    through a product with the identity matrix (exact). Only the small coarse levels
+    go through it.
     """
-    if jnp.issubdtype(x.dtype, jnp.integer):
-        if exact_int_bound is None or exact_int_bound >= _EXACT_F32_INT:
-            return x
-        return _materialise(x.astype(jnp.float32)).astype(x.dtype)
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
     return jnp.dot(x, eye, precision=lax.Precision.HIGHEST)
 
 
-class _PrefixTree:
-    r"""Blocked prefix sums of a non-negative 1-d array, kept level by level.
+def _blocked_cumsum(x: Array, consistent: bool) -> tuple[Array, Array]:
+    r"""Inclusive prefix sums of a non-negative 1-d float array, and their total.
 
-    Level 0 views ``x`` as rows of ``_BLOCK`` entries; each row's prefix sums are one
-    product with a triangular matrix of ones (a fixed-order dot product, so within a
-    row they are monotone and adding a zero changes nothing). The row totals form the
-    next level, down to at most ``_SMALL`` entries. The global prefix sums are the row
-    prefixes plus the global prefix of the previous rows (computed top-down).
+    The array is viewed as rows of ``_BLOCK`` entries; each row's prefix sums are one
+    product with an upper-triangular matrix of ones (a fixed-order dot product, so
+    within a row they are non-decreasing and adding a zero changes nothing). The row
+    totals form the next level, recursively down to at most ``_SMALL`` entries, and
+    the global prefix sums are assembled top-down: the prefix of row ``r`` is its
+    within-row prefix plus :math:`L_r`, the inclusive prefix of the previous row at the
+    coarser level.
 
-    :meth:`ranks` turns a rank function :math:`K(c) = \#\{m : u^m < c / C^N\}` into
-    per-particle inclusive ranks that are *consistent across rows*: the ranks of a row
-    are clipped between those of its neighbours at the coarser level, and the
-    rounding mismatch between levels goes to the row's last positive entry. Hence
-    the ranks are non-decreasing, zero-weight particles get zero offspring, and the
-    last positive particle closes at exactly ``k_total``, whatever the rounding.
+    With ``consistent`` every level is also *clamped and closed*: the prefixes of row
+    ``r`` are clipped to :math:`[L_r, H_r]` (:math:`H_r` its own inclusive prefix at the
+    coarser level), and from the row's last entry that moves the prefix on they are
+    set to exactly :math:`H_r`; the top level is closed at its total the same way. By
+    induction over the levels, whatever the floating-point rounding:
+
+    * the prefix sums :math:`C^i` are non-decreasing;
+    * :math:`C^i = C^{i-1}` exactly when :math:`x^i = 0` (inside a row, adding a zero
+      changes nothing; at a row start, :math:`C^i = L_r` is exactly the previous row's
+      closed end; a row of zeros has :math:`L_r = H_r`);
+    * :math:`C^i` equals the returned total exactly from the last positive entry on.
+
+    The clamps move each prefix by at most the rounding error of the levels above it
+    (relative :math:`O(2^{-24} \log_{16} N)` in float32). Cost: one pass over ``x``
+    (the finest triangular product) plus a final elementwise pass, which XLA fuses
+    into whatever consumes the prefix sums (e.g. the ranks), and ``O(N / 16)`` work
+    for the coarse levels.
     """
-
-    def __init__(self, x: Array):
-        self.n = x.shape[0]
-        self.levels: list[tuple[Array, Array]] = []  # fine -> coarse: (xb, within)
-        cur = x
-        while cur.shape[0] > _SMALL:
-            rows = -(-cur.shape[0] // _BLOCK)
-            pad = rows * _BLOCK - cur.shape[0]
-            xb = (jnp.pad(cur, (0, pad)) if pad else cur).reshape(rows, _BLOCK)
-            within = _dot_tri(xb, _BLOCK)
-            self.levels.append((xb, within))
-            cur = within[:, -1]
-        self.top = _dot_tri(cur, cur.shape[0])
-        self.total = self.top[-1]
-        self.offsets: list[Array] = []  # coarse -> fine: exclusive offset of each row
-        c = self.top
-        for i, (xb, within) in enumerate(reversed(self.levels)):
-            off = jnp.concatenate([jnp.zeros((1,), x.dtype), c[: xb.shape[0] - 1]])
-            self.offsets.append(off)
-            c2 = within + off[:, None]
-            c = (c2 if i == len(self.levels) - 1 else _materialise(c2)).reshape(-1)
-        self.cdf = c[: self.n]  # global inclusive prefix sums C^i
-
-    def ranks(
-        self,
-        rank_fn: RankFn,
-        k_total: ArrayLike,
-        bound: int | None = None,
-        batch_eval: bool = False,
-    ) -> Array:
-        """Consistent inclusive ranks ``(n,)`` int32, non-decreasing, last = k_total.
-
-        ``bound`` is a static upper bound of ``k_total`` (for :func:`_materialise`).
-        With ``batch_eval`` the rank function is called once on all the points (one
-        ``while_loop`` instead of one per level, for the guide-table search).
-        """
-        levels = list(zip(reversed(self.levels), self.offsets, strict=True))
-        if batch_eval:
-            pts = [self.top]
-            for (_, within), off in levels:
-                pts += [off, (within + off[:, None]).reshape(-1)]
-            flat = rank_fn(jnp.concatenate(pts))
-            sizes = np.cumsum([p.shape[0] for p in pts])[:-1]
-            vals = iter(jnp.split(flat, sizes))
-        else:
-            vals = None
-        k = next(vals) if vals is not None else rank_fn(self.top)
-        k = _close(jnp.clip(k, 0, k_total), self.top, k_total)
-        for i, ((xb, within), off) in enumerate(levels):
-            rows = xb.shape[0]
-            k_end = k[:rows, None]
-            k_start = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), k_end[:-1]])
-            if vals is not None:
-                r_off, r_in = next(vals), next(vals).reshape(rows, _BLOCK)
-            else:
-                r_off, r_in = rank_fn(off), rank_fn(within + off[:, None])
-            local = r_in - r_off[:, None]
-            kk = _close(jnp.clip(k_start + local, k_start, k_end), within, k_end)
-            k = (kk if i == len(levels) - 1 else _materialise(kk, bound)).reshape(-1)
-        return k[: self.n]
-
-
-def _close(k: Array, prefix: Array, k_end: ArrayLike) -> Array:
-    """Set ranks to ``k_end`` from the first entry where a row's prefix is complete.
-
-    That entry (``prefix == prefix[..., -1]``, last axis) is the row's last particle
-    that moves the prefix sum, so it has positive weight; the entries after it are
-    zeros (or too small to register in floating point) and get no offspring.
-    """
-    return jnp.where(prefix >= prefix[..., -1:], k_end, k).astype(jnp.int32)
+    n = x.shape[0]
+    levels: list[Array] = []  # within-row prefix sums, fine -> coarse
+    cur = x
+    while cur.shape[0] > _SMALL:
+        rows = -(-cur.shape[0] // _BLOCK)
+        pad = rows * _BLOCK - cur.shape[0]
+        xb = (jnp.pad(cur, (0, pad)) if pad else cur).reshape(rows, _BLOCK)
+        within = _dot_tri(xb, _BLOCK)
+        levels.append(within)
+        cur = within[:, -1]
+    c = _dot_tri(cur, cur.shape[0])
+    total = c[-1]
+    if consistent:
+        c = jnp.where(c >= total, total, c)
+    for i, within in enumerate(reversed(levels)):
+        rows = within.shape[0]
+        hi = c[:rows, None]
+        lo = jnp.concatenate([jnp.zeros((1, 1), c.dtype), hi[:-1]])
+        c2 = within + lo
+        if consistent:
+            # (within >= 0, so c2 >= lo already: only the upper clamp is needed)
+            c2 = jnp.where((c2 > hi) | (within >= within[:, -1:]), hi, c2)
+        c = (c2 if i == len(levels) - 1 else _materialise(c2)).reshape(-1)
+    return c[:n], total
 
 
 def _cumsum(x: Array) -> Array:
-    """Inclusive prefix sum of a non-negative 1-d float array (blocked matmuls)."""
-    return _PrefixTree(x).cdf
+    """Consistent inclusive prefix sums of a non-negative 1-d float array."""
+    return _blocked_cumsum(x, True)[0]
 
 
 def _int_cumsum(counts: Array, bound: int) -> Array:
-    """Exact inclusive prefix sum of non-negative integers whose total is <= bound."""
+    """Exact inclusive prefix sum of non-negative integers whose total is <= bound.
+
+    Integer-valued float32 sums are exact (in any order) below ``2**24``, so the
+    blocked matmul prefix sum applies (float inputs are taken as they are);
+    otherwise ``jnp.cumsum`` in int32.
+    """
     if bound < _EXACT_F32_INT:
-        return _cumsum(counts.astype(jnp.float32)).astype(jnp.int32)
+        return _blocked_cumsum(counts.astype(jnp.float32), False)[0].astype(jnp.int32)
     return jnp.cumsum(counts.astype(jnp.int32))
+
+
+def _ranks(cdf: Array, total: Array, rank_fn: RankFn, k_total: ArrayLike) -> Array:
+    r"""Inclusive ranks :math:`K^i = K(C^i)`, closed at ``k_total``.
+
+    ``rank_fn`` must be non-decreasing with :math:`K(0) = 0`. On consistent prefix
+    sums (:func:`_blocked_cumsum`) the ranks are non-decreasing, a zero-weight particle
+    has :math:`K^i = K^{i-1}` (zero offspring) and the last positive particle has
+    :math:`K^i` = ``k_total``.
+    """
+    k = jnp.clip(rank_fn(cdf), 0, k_total)
+    return jnp.where(cdf >= total, k_total, k).astype(jnp.int32)
 
 
 def _merge(ranks: Array, num_samples: int) -> Array:
     r"""Merge step: :math:`A^m = \#\{i : K^i \le m\}` from consistent ranks.
 
     ``ranks`` (N,) are non-decreasing with last entry ``M``, so every ancestor is in
-    ``[0, N)`` and particle ``i`` gets :math:`K^i - K^{i-1}` slots.
+    ``[0, N)`` and particle ``i`` gets :math:`K^i - K^{i-1}` slots: a histogram of the
+    ranks (a scatter-add; ranks equal to ``M`` fall outside and are dropped) and its
+    exact prefix sum.
     """
     n = ranks.shape[0]
-    hist = jax.ops.segment_sum(
-        jnp.ones((n,), jnp.int32), ranks, num_samples + 1, indices_are_sorted=True
-    )
-    anc = _int_cumsum(hist[:num_samples], n)
-    return jnp.clip(anc, 0, n - 1).astype(jnp.int32)
+    exact = n < _EXACT_F32_INT
+    ones = jnp.ones((n,), jnp.float32 if exact else jnp.int32)
+    hist = jax.ops.segment_sum(ones, ranks, num_samples, indices_are_sorted=True)
+    anc = _int_cumsum(hist, n)
+    return jnp.minimum(anc, n - 1).astype(jnp.int32)
 
 
-def _systematic_rank_fn(tree: _PrefixTree, u: Array, m: int) -> RankFn:
+def _systematic_rank_fn(total: Array, u: Array, m: int) -> RankFn:
     r""":math:`K(c) = \#\{j < M : j + U < M c / C^N\} = \lceil M c / C^N - U \rceil`."""
-    scale = m / tree.total
-    return lambda c: jnp.clip(jnp.ceil(c * scale - u), 0, m).astype(jnp.int32)
+    scale = m / total
+    return lambda c: jnp.ceil(c * scale - u).astype(jnp.int32)
 
 
-def _stratified_rank_fn(tree: _PrefixTree, u: Array, m: int) -> RankFn:
+def _stratified_rank_fn(total: Array, u: Array, m: int) -> RankFn:
     r""":math:`K(c) = s + 1[U_s < y - s]`, :math:`s = \lfloor y \rfloor`.
 
     Here :math:`y = M c / C^N`; all strata below ``s`` lie below ``y``, so only
     stratum ``s`` needs a look.
     """
-    scale = m / tree.total
+    scale = m / total
 
     def rank(c: Array) -> Array:
         y = c * scale
@@ -430,7 +437,7 @@ def _sorted_uniforms(key: PRNGKey, count: ArrayLike, total: int, dtype) -> Array
     return jnp.where(j < count, s[:total] / s[count], 2.0).astype(dtype)
 
 
-def _sorted_rank_fn(tree: _PrefixTree, points: Array) -> RankFn:
+def _sorted_rank_fn(total: Array, points: Array) -> RankFn:
     r""":math:`K(c) = \#\{j : p_j < c / C^N\}` for sorted ``points`` (>= 1 ignored).
 
     A guide table (Chen & Asau, 1974) over ``G = len(points)`` equal cells, which
@@ -439,12 +446,12 @@ def _sorted_rank_fn(tree: _PrefixTree, points: Array) -> RankFn:
     """
     g = points.shape[0]
     cell_p = jnp.clip(jnp.floor(points * g), 0, g).astype(jnp.int32)
-    # (not flagged as sorted: the blocked prefix sums of the spacings may dip by an
-    # ulp at block boundaries; the ranks are made consistent afterwards anyway)
+    # (the consistent prefix sums make the points sorted, but the ``2.0`` padding
+    # cells are not guaranteed to come last after rounding: not flagged as sorted)
     hist = jax.ops.segment_sum(jnp.ones((g,), jnp.int32), cell_p, g + 1)
     ends = _int_cumsum(hist, g)
     starts = ends - hist
-    scale = g / tree.total
+    scale = g / total
 
     def rank(c: Array) -> Array:
         y = c * scale
@@ -488,6 +495,17 @@ def _num(n: int, num_samples: int | None) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _systematic_from_weights(key: PRNGKey, w: Array, m: int) -> Array:
+    """Systematic resampling from non-negative weights ``w`` with a positive total.
+
+    The internal fast path of :func:`systematic` (also used by the SMC engine, which
+    has the weights at hand): no validation, no exponentiation.
+    """
+    cdf, total = _blocked_cumsum(w, True)
+    u = jax.random.uniform(key, (), w.dtype)
+    return _merge(_ranks(cdf, total, _systematic_rank_fn(total, u, m), m), m)
+
+
 def systematic(
     key: PRNGKey, log_weights: ArrayLike, num_samples: int | None = None
 ) -> Array:
@@ -511,9 +529,7 @@ def systematic(
     lw = _clean(log_weights)
     m = _num(lw.shape[0], num_samples)
     w, _ = _weights(lw)
-    tree = _PrefixTree(w)
-    u = jax.random.uniform(key, (), w.dtype)
-    return _merge(tree.ranks(_systematic_rank_fn(tree, u, m), m, m), m)
+    return _systematic_from_weights(key, w, m)
 
 
 def stratified(
@@ -526,15 +542,15 @@ def stratified(
     lw = _clean(log_weights)
     m = _num(lw.shape[0], num_samples)
     w, _ = _weights(lw)
-    tree = _PrefixTree(w)
+    cdf, total = _blocked_cumsum(w, True)
     u = jax.random.uniform(key, (m,), w.dtype)
-    return _merge(tree.ranks(_stratified_rank_fn(tree, u, m), m, m), m)
+    return _merge(_ranks(cdf, total, _stratified_rank_fn(total, u, m), m), m)
 
 
 def _multinomial_sorted(key: PRNGKey, w: Array, m: int) -> Array:
-    tree = _PrefixTree(w)
+    cdf, total = _blocked_cumsum(w, True)
     points = _sorted_uniforms(key, m, m, w.dtype)
-    return _merge(tree.ranks(_sorted_rank_fn(tree, points), m, m, True), m)
+    return _merge(_ranks(cdf, total, _sorted_rank_fn(total, points), m), m)
 
 
 def multinomial(
@@ -575,10 +591,10 @@ def residual(
     r = jnp.clip(m - det_ranks[-1], 0, cap)
     # Rounding can leave R > 0 with no residual mass: then draw the R from W itself.
     res = jnp.where(jnp.any(res > 0), res, w)
-    tree = _PrefixTree(res)
+    cdf, total = _blocked_cumsum(res, True)
     points = _sorted_uniforms(key, r, cap, w.dtype)
     # If every residual is zero (R = 0) the rank function only sees the 2.0 padding.
-    ranks = det_ranks + tree.ranks(_sorted_rank_fn(tree, points), r, cap, True)
+    ranks = det_ranks + _ranks(cdf, total, _sorted_rank_fn(total, points), r)
     return _merge(jnp.minimum(ranks, m), m)
 
 
@@ -659,21 +675,21 @@ def _conditional_inverse_cdf(
     p = _pinned(pinned, n, m)
     w, _ = _weights(lw)
     k_point, k_u = jax.random.split(key)
-    tree = _PrefixTree(w)
-    scale = m / tree.total
+    cdf, total = _blocked_cumsum(w, True)
+    scale = m / total
     # The pinned slot's point, uniform on the pinned particle's interval (scaled by M).
-    y_hi = tree.cdf[p] * scale
-    y_lo = jnp.where(p > 0, tree.cdf[jnp.maximum(p - 1, 0)] * scale, 0.0)
+    y_hi = cdf[p] * scale
+    y_lo = jnp.where(p > 0, cdf[jnp.maximum(p - 1, 0)] * scale, 0.0)
     v = jax.random.uniform(k_point, (), w.dtype)
     point = jnp.clip(y_lo + v * (y_hi - y_lo), 0.0, jnp.nextafter(float(m), 0.0))
     j0 = jnp.clip(jnp.floor(point), 0, m - 1).astype(jnp.int32)
     u0 = jnp.clip(point - j0, 0.0, 1.0).astype(w.dtype)
     if stratified_points:
         u = jax.random.uniform(k_u, (m,), w.dtype).at[j0].set(u0)
-        rank_fn = _stratified_rank_fn(tree, u, m)
+        rank_fn = _stratified_rank_fn(total, u, m)
     else:
-        rank_fn = _systematic_rank_fn(tree, u0, m)
-    sorted_anc = _merge(tree.ranks(rank_fn, m, m), m)
+        rank_fn = _systematic_rank_fn(total, u0, m)
+    sorted_anc = _merge(_ranks(cdf, total, rank_fn, m), m)
     # Rotate so that slot p holds the point of stratum j0: A^q = S[(j0 + q - p) mod M].
     slots = jnp.arange(m, dtype=jnp.int32)
     anc = sorted_anc[jnp.mod(j0 + slots - p, m)]
