@@ -8,8 +8,10 @@ parameter pytree of the NNX model:
 2. every checkpoint name is matched against :data:`WEIGHT_TABLE`, a list of
    ``regex -> module path`` rules with a transform (``"T"``: transpose an HF
    ``(out, in)`` weight to the ``(in, out)`` kernel); per-layer tensors
-   ``model.layers.{i}.*`` fill
-   slice ``i`` of the stacked parameter;
+   ``model.layers.{i}.*`` fill slice ``i`` of the stacked parameter (or the
+   parameter of layer ``i`` when layers are unrolled), and the q/k/v and gate/up
+   projections fill column blocks of the fused ``qkv_proj`` / ``gate_up_proj``
+   parameters (:data:`FUSED_PROJECTIONS`), so the fused weights are built once here;
 3. every problem — a missing tensor, an unexpected tensor, a wrong shape — is collected
    and reported in ONE :class:`CheckpointError` that names the tensors.
 
@@ -37,6 +39,7 @@ from smcjax.llm.config import ModelConfig
 from smcjax.llm.model import CausalLM
 
 __all__ = [
+    "FUSED_PROJECTIONS",
     "WEIGHT_TABLE",
     "CheckpointError",
     "SafetensorsFiles",
@@ -56,7 +59,7 @@ class CheckpointError(ValueError):
 WEIGHT_TABLE: tuple[tuple[str, tuple[str, ...], str | None], ...] = (
     (r"model\.embed_tokens\.weight", ("model", "embed_tokens", "embedding"), None),
     (r"model\.norm\.weight", ("model", "norm", "weight"), None),
-    (r"lm_head\.weight", ("lm_head", "weight"), None),
+    (r"lm_head\.weight", ("lm_head", "kernel"), "T"),
     (
         r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight",
         ("model", "layers", "{2}", "weight"),
@@ -83,6 +86,44 @@ _IGNORED = re.compile(
 )
 
 
+#: Checkpoint projections stored as column blocks of one fused module parameter:
+#: HF projection -> (fused module name, block index). Block widths come from the
+#: config (:func:`_fused_blocks`); the order of the blocks is the order here.
+FUSED_PROJECTIONS: dict[str, tuple[str, int]] = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def _fused_blocks(cfg: ModelConfig, fused: str) -> list[tuple[str, int, int]]:
+    """``(HF projection, column offset, width)`` of every block of a fused module."""
+    d = cfg.head_dim
+    widths = {
+        "qkv_proj": [
+            ("q_proj", cfg.num_heads * d),
+            ("k_proj", cfg.num_kv_heads * d),
+            ("v_proj", cfg.num_kv_heads * d),
+        ],
+        "gate_up_proj": [
+            ("gate_proj", cfg.intermediate_size),
+            ("up_proj", cfg.intermediate_size),
+        ],
+    }[fused]
+    offsets = np.cumsum([0] + [w for _, w in widths])
+    return [(n, int(o), w) for (n, w), o in zip(widths, offsets, strict=False)]
+
+
+def _blocks_of(cfg: ModelConfig, path: tuple[Any, ...]) -> list[Any]:
+    """Block ids that fill the parameter at ``path``: ``[None]`` when not fused."""
+    fused = path[-2] if len(path) >= 2 else None
+    if fused in ("qkv_proj", "gate_up_proj"):
+        return list(range(len(_fused_blocks(cfg, fused))))
+    return [None]
+
+
 def default_scan_layers() -> bool:
     """Scan stacked layers on accelerators; unroll them on CPU (see ModelConfig)."""
     return jax.default_backend() != "cpu"
@@ -93,10 +134,17 @@ def default_dtype() -> Any:
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
-def _path_to_name(path: tuple[str, ...], layer: int | None = None) -> str:
-    """HF name of a module path (used to name missing tensors)."""
+def _path_to_name(
+    path: tuple[Any, ...],
+    layer: int | None = None,
+    block: int | None = None,
+    cfg: ModelConfig | None = None,
+) -> str:
+    """HF name of a module path (block ``block`` of a fused one; missing tensors)."""
     parts = list(path)
     leaf = parts.pop()
+    if block is not None and cfg is not None:
+        parts[-1] = _fused_blocks(cfg, parts[-1])[block][0]
     hf_leaf = {"kernel": "weight", "embedding": "weight"}.get(leaf, leaf)
     if parts and parts[0].startswith("score_"):
         parts = ["score", parts[0].split("_", 1)[1]]
@@ -159,8 +207,9 @@ def params_from_state_dict(
     abstract = nnx.eval_shape(lambda: module(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, abs_state = nnx.split(abstract)
     expected = {path: var for path, var in nnx.to_flat_state(abs_state)}
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
-    filled: dict[tuple[str, ...], set[int]] = {path: set() for path in expected}
+    buffers: dict[tuple[Any, ...], np.ndarray] = {}
+    # (layer or -1, block or None) pairs already provided, per parameter.
+    filled: dict[tuple[Any, ...], set[tuple[int, Any]]] = {p: set() for p in expected}
     unexpected: list[str] = []
     wrong_shape: list[str] = []
 
@@ -169,6 +218,10 @@ def params_from_state_dict(
         if _IGNORED.fullmatch(name):
             continue
         hit = _match(name)
+        block = None
+        if hit is not None and hit[0][-2] in FUSED_PROJECTIONS:
+            fused, block = FUSED_PROJECTIONS[hit[0][-2]]
+            hit = ((*hit[0][:-2], fused, hit[0][-1]), hit[1], hit[2])
         if hit is not None and hit[1] is not None and not cfg.scan_layers:
             # Unrolled layout: one parameter per layer, ("model", "layers", i, ...).
             hit = ((*hit[0][:2], hit[1], *hit[0][2:]), None, hit[2])
@@ -184,35 +237,43 @@ def params_from_state_dict(
         if stacked and not 0 <= layer < shape[0]:
             unexpected.append(f"{name} (model has {shape[0]} layers)")
             continue
+        if block is not None:  # one column block of the fused parameter
+            _, offset, width = _fused_blocks(cfg, path[-2])[block]
+            want = (*want[:-1], width)
         arr = np.asarray(tensors[name])
         if transform == "T":
             arr = arr.T
+        key = (layer if stacked else -1, block)
         if tuple(arr.shape) != want:
             hf_shape = tuple(arr.shape[::-1]) if transform == "T" else tuple(arr.shape)
             hf_want = want[::-1] if transform == "T" else want
             wrong_shape.append(
                 f"{name}: checkpoint shape {hf_shape}, model expects {hf_want}"
             )
-            filled[path].add(layer if stacked else -1)  # reported once, not as missing
+            filled[path].add(key)  # reported once, not as missing
             continue
-        if stacked:
+        if stacked or block is not None:
             if path not in buffers:
                 buffers[path] = np.empty(shape, np_dtype)
-            buffers[path][layer] = arr
-            filled[path].add(layer)
+            dest = buffers[path][layer] if stacked else buffers[path]
+            if block is None:
+                dest[...] = arr
+            else:
+                dest[..., offset : offset + width] = arr
         else:
             buffers[path] = arr.astype(np_dtype, copy=False)
-            filled[path].add(-1)
+        filled[path].add(key)
 
     missing: list[str] = []
     for path, var in expected.items():
-        if path[:2] == ("model", "layers") and isinstance(path[2], str):
-            n = var.get_value().shape[0]
-            missing += [
-                _path_to_name(path, i) for i in range(n) if i not in filled[path]
-            ]
-        elif not filled[path]:
-            missing.append(_path_to_name(path))
+        stacked = path[:2] == ("model", "layers") and isinstance(path[2], str)
+        layers = range(var.get_value().shape[0]) if stacked else [-1]
+        missing += [
+            _path_to_name(path, i if stacked else None, blk, cfg)
+            for i in layers
+            for blk in _blocks_of(cfg, path)
+            if (i, blk) not in filled[path]
+        ]
     problems = []
     if missing:
         problems.append(f"missing tensors ({len(missing)}): {', '.join(missing)}")
@@ -228,8 +289,10 @@ def params_from_state_dict(
             f"({cfg.model_type}, {cfg.num_layers} layers):\n  " + "\n  ".join(problems)
         )
 
+    # Pop each host buffer as soon as it is on the device: peak host memory is one
+    # copy of the weights plus one parameter, not two copies.
     flat = [
-        (path, type(var)(jnp.asarray(buffers[path], dtype=dtype)))
+        (path, type(var)(jnp.asarray(buffers.pop(path), dtype=dtype)))
         for path, var in expected.items()
     ]
     return graphdef, nnx.from_flat_state(flat), cfg
