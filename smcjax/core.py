@@ -42,7 +42,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from smcjax.resampling import Resampler, ess, get_resampler, log_normalize
+from smcjax import resampling as _rs
+from smcjax.resampling import Resampler, get_resampler, log_normalize
 from smcjax.types import Array, ArrayTree, PRNGKey
 
 __all__ = [
@@ -242,6 +243,19 @@ def weighted_mean(particles: ArrayTree, log_weights: Array) -> ArrayTree:
     return jax.tree.map(mean, particles)
 
 
+def _cached_mean(particles: ArrayTree, cache: _WeightsCache) -> ArrayTree:
+    """:func:`weighted_mean` from the cached weights: ``Σ_n w^n x^n / Σ_n w^n``."""
+    w = cache.w / cache.total
+
+    def mean(x):
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(w.dtype)
+        return jnp.tensordot(w.astype(x.dtype), x, axes=(0, 0))
+
+    return jax.tree.map(mean, particles)
+
+
 def _reweight(log_weights: Array, log_g: Array, log_evidence: Array):
     log_g = jnp.asarray(log_g)
     n = log_weights.shape[0]
@@ -260,7 +274,8 @@ def init(
 ) -> tuple[SMCState, SMCInfo]:
     r"""Draw :math:`X_0^n \sim M_0` and weight them by :math:`G_0`."""
     bm = batch_model(model)
-    return _init(key, bm, _check_num_particles(num_particles))
+    state, info, _ = _init(key, bm, _check_num_particles(num_particles))
+    return state, info
 
 
 def _init(key, bm: BatchedModel, n: int):
@@ -274,8 +289,9 @@ def _init(key, bm: BatchedModel, n: int):
     uniform = jnp.full((n,), -jnp.log(float(n)), jnp.result_type(float))
     log_w, log_z, incr = _reweight(uniform, log_g, jnp.zeros((), uniform.dtype))
     state = SMCState(x0, log_w, log_z, t0)
-    info = SMCInfo(jnp.arange(n, dtype=jnp.int32), jnp.array(False), ess(log_w), incr)
-    return state, info
+    cache = _weights_cache(log_w)
+    info = SMCInfo(jnp.arange(n, dtype=jnp.int32), jnp.array(False), cache.ess, incr)
+    return state, info, cache
 
 
 def build_step(
@@ -294,7 +310,9 @@ def build_step(
     _check_threshold(ess_threshold)
 
     def step_fn(key: PRNGKey, state: SMCState) -> tuple[SMCState, SMCInfo]:
-        return _step(key, state, bm, resampler, ess_threshold)
+        cache = _weights_cache(state.log_weights)
+        new_state, info, _ = _step(key, state, cache, bm, resampler, ess_threshold)
+        return new_state, info
 
     return step_fn
 
@@ -323,14 +341,44 @@ def _resampling_mode(ess_threshold: Any) -> str:
     return "adaptive"
 
 
-def _step(key, state: SMCState, bm: BatchedModel, resampler, ess_threshold):
+class _WeightsCache(NamedTuple):
+    """Quantities of the normalised log-weights that every step needs (internal).
+
+    ``w = exp(log W - max log W)`` (what every built-in resampler exponentiates
+    first) and the ESS. Computed once per step, after reweighting, and carried
+    next to the :class:`SMCState` in :func:`smc`'s scan, so the ESS, the resampler and
+    the filtering means share one exponentiation pass.
+    """
+
+    w: Array
+    total: Array
+    ess: Array
+
+
+def _weights_cache(log_w: Array) -> _WeightsCache:
+    w, _ = _rs._weights(log_w, nan_free=True)  # normalised log-weights have no NaN
+    total = jnp.sum(w)
+    return _WeightsCache(w, total, jnp.square(total) / jnp.sum(jnp.square(w)))
+
+
+def _step(
+    key,
+    state: SMCState,
+    cache: _WeightsCache,
+    bm: BatchedModel,
+    resampler,
+    ess_threshold,
+):
     n = state.log_weights.shape[0]
     t = state.t + 1
     k_res, k_prop = jax.random.split(key)
     identity = jnp.arange(n, dtype=jnp.int32)
     uniform = jnp.full_like(state.log_weights, -jnp.log(float(n)))
+    from_weights = _rs._FROM_WEIGHTS.get(resampler)
 
     def resample():
+        if from_weights is not None:  # same result, without re-exponentiating
+            return from_weights(k_res, cache.w, n)
         return resampler(k_res, state.log_weights, n).astype(jnp.int32)
 
     mode = _resampling_mode(ess_threshold)
@@ -344,7 +392,7 @@ def _step(key, state: SMCState, bm: BatchedModel, resampler, ess_threshold):
         ancestors, log_w, x_prev = identity, state.log_weights, state.particles
     else:
         # A traced threshold is allowed (e.g. vmapped over thresholds).
-        resampled = ess(state.log_weights) < ess_threshold * n
+        resampled = cache.ess < ess_threshold * n
         # One cond for ancestors *and* the gather: without vmap only the taken branch
         # runs, so skipped resampling costs nothing; under vmap it becomes a select.
         ancestors, x_prev = jax.lax.cond(
@@ -358,8 +406,9 @@ def _step(key, state: SMCState, bm: BatchedModel, resampler, ess_threshold):
     log_g = bm.log_potential(t, x_prev, x)
     log_w, log_z, incr = _reweight(log_w, log_g, state.log_evidence)
     new_state = SMCState(x, log_w, log_z, t)
-    info = SMCInfo(ancestors, resampled, ess(log_w), incr)
-    return new_state, info
+    new_cache = _weights_cache(log_w)
+    info = SMCInfo(ancestors, resampled, new_cache.ess, incr)
+    return new_state, info, new_cache
 
 
 def _check_num_particles(num_particles: Any) -> int:
@@ -442,27 +491,29 @@ def smc(
     resampler = get_resampler(resampling)
     _check_threshold(ess_threshold)
 
-    def record(state: SMCState, info: SMCInfo):
+    def record(state: SMCState, info: SMCInfo, cache: _WeightsCache):
         out = {"info": info}
         if return_history:
             out["history"] = state.particles
             out["log_weights"] = state.log_weights
         if compute_means:
-            out["mean"] = weighted_mean(state.particles, state.log_weights)
+            out["mean"] = _cached_mean(state.particles, cache)
         if summary_fn is not None:
             out["summary"] = summary_fn(state.t, state.particles, state.log_weights)
         return out
 
     k0, k_loop, k_final = jax.random.split(key, 3)
-    state, info0 = _init(k0, bm, n)
-    rec0 = record(state, info0)
+    state, info0, cache = _init(k0, bm, n)
+    rec0 = record(state, info0, cache)
 
-    def body(state, k):
-        state, info = _step(k, state, bm, resampler, ess_threshold)
-        return state, record(state, info)
+    def body(carry, k):
+        state, info, cache = _step(k, *carry, bm, resampler, ess_threshold)
+        return (state, cache), record(state, info, cache)
 
     if num_steps > 1:
-        state, recs = jax.lax.scan(body, state, jax.random.split(k_loop, num_steps - 1))
+        (state, cache), recs = jax.lax.scan(
+            body, (state, cache), jax.random.split(k_loop, num_steps - 1)
+        )
         recs = jax.tree.map(
             lambda a, b: jnp.concatenate([a[None], b], axis=0), rec0, recs
         )
@@ -472,7 +523,11 @@ def smc(
     particles, log_w = state.particles, state.log_weights
     final_ancestors = None
     if final_resample:
-        final_ancestors = resampler(k_final, log_w, n).astype(jnp.int32)
+        from_weights = _rs._FROM_WEIGHTS.get(resampler)
+        if from_weights is not None:
+            final_ancestors = from_weights(k_final, cache.w, n)
+        else:
+            final_ancestors = resampler(k_final, log_w, n).astype(jnp.int32)
         particles = gather(particles, final_ancestors)
         log_w = jnp.full_like(log_w, -jnp.log(float(n)))
     infos: SMCInfo = recs["info"]

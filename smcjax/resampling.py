@@ -211,14 +211,15 @@ def _max(lw: Array) -> Array:
     )
 
 
-def _weights(lw: Array) -> tuple[Array, Array]:
+def _weights(lw: Array, nan_free: bool = False) -> tuple[Array, Array]:
     """Unnormalised weights in ``[0, 1]`` and ``max ℓ`` (``NaN`` entries = ``-inf``).
 
     ``exp(ℓ - max ℓ)``, so the largest weight is exactly 1 and the total lies in
     ``[1, N]``; if some ``ℓ = +inf``, the indicator of those entries (they share the
-    mass); if every weight is zero, all ones (the uniform fallback).
+    mass); if every weight is zero, all ones (the uniform fallback). ``nan_free``
+    skips the NaN check of the maximum (the caller guarantees there is no NaN).
     """
-    m = _max(lw)
+    m = jnp.max(lw) if nan_free else _max(lw)
     w = jnp.exp(lw - jnp.where(jnp.isfinite(m), m, 0.0))
     w = jnp.where(jnp.isnan(lw), 0.0, w)
     w = jnp.where(m == jnp.inf, (lw == jnp.inf).astype(lw.dtype), w)
@@ -542,6 +543,10 @@ def stratified(
     lw = _clean(log_weights)
     m = _num(lw.shape[0], num_samples)
     w, _ = _weights(lw)
+    return _stratified_from_weights(key, w, m)
+
+
+def _stratified_from_weights(key: PRNGKey, w: Array, m: int) -> Array:
     cdf, total = _blocked_cumsum(w, True)
     u = jax.random.uniform(key, (m,), w.dtype)
     return _merge(_ranks(cdf, total, _stratified_rank_fn(total, u, m), m), m)
@@ -580,9 +585,13 @@ def residual(
     as :func:`systematic`; output sorted.
     """
     lw = _clean(log_weights)
-    n = lw.shape[0]
-    m = _num(n, num_samples)
+    m = _num(lw.shape[0], num_samples)
     w, _ = _weights(lw)
+    return _residual_from_weights(key, w, m)
+
+
+def _residual_from_weights(key: PRNGKey, w: Array, m: int) -> Array:
+    n = w.shape[0]
     mw = w * (m / jnp.sum(w))
     det = jnp.floor(mw)
     res = mw - det
@@ -743,6 +752,17 @@ _RESAMPLERS: dict[str, Resampler] = {
     "stratified": stratified,
     "systematic": systematic,
     "residual": residual,
+}
+
+# Internal fast paths from non-negative weights with a positive total (no validation,
+# no exponentiation): ``resampler(key, lw, m) == _FROM_WEIGHTS[resampler](key,
+# _weights(lw)[0], m)`` for float32/float64 ``lw``. The SMC engine uses them with the
+# weights it has already exponentiated.
+_FROM_WEIGHTS: dict[Callable, Callable[[PRNGKey, Array, int], Array]] = {
+    multinomial: _multinomial_sorted,
+    stratified: _stratified_from_weights,
+    systematic: _systematic_from_weights,
+    residual: _residual_from_weights,
 }
 
 _CONDITIONAL_RESAMPLERS: dict[str, ConditionalResampler] = {

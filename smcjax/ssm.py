@@ -444,6 +444,19 @@ def particle_filter(
         mean = weighted_mean(particles, log_weights)
         return (mean, log_weights) if return_history else (mean,)
 
+    if log_lookahead is None:
+        # The filtering weights are the engine's: its cached weights give the means.
+        return smc(
+            key,
+            fk,
+            num_particles,
+            n_steps,
+            resampling=resampling,
+            ess_threshold=ess_threshold,
+            final_resample=final_resample,
+            return_history=return_history,
+            compute_means=True,
+        )
     res = smc(
         key,
         fk,
