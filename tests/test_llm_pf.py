@@ -3,6 +3,8 @@
 Compilations are the cost here, so every test shares one of a few static configurations.
 """
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -307,9 +309,8 @@ def _potential(weights, log_r, t, log_r_prev=None, **kw):
     )
 
     def x(lr):
-        return LLMParticles(
-            None, None, None, None, None, jnp.asarray(lr), None, None, None
-        )
+        nones = LLMParticles(*([None] * len(LLMParticles._fields)))
+        return nones._replace(log_reward=jnp.asarray(lr))
 
     prev = None if log_r_prev is None else x(log_r_prev)
     return np.asarray(model.log_potential(t, prev, x(log_r)))
@@ -339,3 +340,328 @@ def test_paper_fk_and_entropic_potentials():
     np.testing.assert_allclose(
         _potential("entropic", flat, 1), np.log(0.4 / 0.6), rtol=1e-4
     )
+
+
+# ------------------------------------------- speculation: idle rows start next step
+
+SPEC_OPTS = dict(
+    max_steps=3, step_cap=8, max_new_tokens=24, aggregation="last", step_delimiter="e"
+)
+
+
+def test_speculative_tokens_follow_the_lm_and_steps_end_at_the_delimiter(lm):
+    """Idle rows speculate; every kept token was sampled from its exact conditional.
+
+    Steps end at ``"e"`` (in ~10 % of the tiny vocabulary), so step lengths vary and
+    rows that finish early speculate. After each resampling step: the recorded
+    log-probability of EVERY token in the buffer (speculative ones included) equals
+    a fresh forward pass over the particle's own tokens; the boundary logits are
+    those of the scored prefix; each scored step ends at its first delimiter, EOS or
+    the cap; a copy keeps its ancestor's scored steps, and the first copy keeps the
+    speculative tokens too.
+    """
+    n = 8
+    tok = lm.tokenizer
+    ids = np.asarray(format_prompt(tok, QUESTION), np.int32)
+    plen = len(ids)
+    opts = PFOptions(**SPEC_OPTS)
+    tables = _tables(lm, "e")
+    eos = jnp.asarray(lm.eos_ids, jnp.int32)
+
+    @jax.jit
+    def run(key, lm_):
+        model = llm_feynman_kac(
+            lm_,
+            PARITY,
+            None,
+            jnp.asarray(ids),
+            jnp.int32(plen),
+            None,
+            opts,
+            tables,
+            eos,
+        )
+        step = build_step(model, resampling="multinomial", ess_threshold=1.0)
+        k0, k1, k2, k3 = jax.random.split(key, 4)
+        s0, _ = smc_init(k0, model, n)
+        s1, _ = step(k1, s0)
+        s2, i2 = step(k2, s1)
+        s3, i3 = step(k3, s2)
+        return s1.particles, s2.particles, i2.ancestors, s3.particles, i3.ancestors
+
+    trans = np.asarray(tables[0].transitions[0])
+    target = int(tables[0].lengths[0])
+    eos_set = set(int(e) for e in lm.eos_ids)
+    kept = 0
+    for seed in range(3):
+        x1, x2, a2, x3, a3 = run(jax.random.key(20 + seed), lm)
+        for x in (x1, x2, x3):
+            ds = x.decode
+            for i in range(n):
+                length = int(ds.lengths[i])
+                row = np.asarray(ds.tokens[i, :length])
+                fresh = np.asarray(lm.logits(row[None])[0])
+                lsm = fresh - np.logaddexp.reduce(fresh, axis=-1, keepdims=True)
+                want = lsm[np.arange(plen - 1, length - 1), row[plen:]]
+                np.testing.assert_allclose(
+                    np.asarray(ds.logprobs[i, plen:length]), want, atol=3e-4
+                )
+                np.testing.assert_allclose(ds.logits[i], fresh[-1], atol=3e-4)
+                bnd = int(x.boundary[i])
+                np.testing.assert_allclose(
+                    x.boundary_logits[i], fresh[bnd - 1], atol=3e-4
+                )
+                ends = [plen] + [int(e) for e in x.step_ends[i, : int(x.num_steps[i])]]
+                assert ends[-1] == bnd
+                for a, b in itertools.pairwise(ends):
+                    q, hits = 0, []
+                    for j in range(a, b):
+                        q = trans[q, row[j]]
+                        hits.append(q == target)
+                    ended = (
+                        hits[-1] or (b - a == opts.step_cap) or row[b - 1] in eos_set
+                    )
+                    assert ended and not any(hits[:-1]), (a, b, hits)
+        for prev, cur, anc in ((x1, x2, a2), (x2, x3, a3)):
+            seen = set()
+            for i in range(n):
+                a = int(anc[i])
+                bnd = int(prev.boundary[a])
+                np.testing.assert_array_equal(
+                    cur.decode.tokens[i, :bnd], prev.decode.tokens[a, :bnd]
+                )
+                if a not in seen and not bool(prev.finished[a]):
+                    seen.add(a)
+                    la = int(prev.decode.lengths[a])
+                    np.testing.assert_array_equal(
+                        cur.decode.tokens[i, :la], prev.decode.tokens[a, :la]
+                    )
+                    kept += la > bnd
+    assert kept > 0  # speculation happened and was continued
+
+
+def test_speculation_leaves_the_step_law_unchanged(lm):
+    """Same law of the second step with and without speculation.
+
+    REPS questions × 8 particles; the statistic per question is the mean length of
+    the final particles' second step (finished particles count 0): a two-sample z
+    test over questions, |z| < 4.5. (That speculative tokens are used at all is
+    checked by the test above.)
+    """
+    opts = dict(SPEC_OPTS, max_steps=2)
+    qs = [QUESTION] * REPS
+    stats = {}
+    for spec in (True, False):
+        out = particle_filter_batch(
+            jax.random.key(31 if spec else 32),
+            lm,
+            PARITY,
+            qs,
+            8,
+            speculate=spec,
+            **opts,
+        )
+        per_q = []
+        for r in out:
+            k = np.asarray([len(s) > 1 for s in r.steps])
+            two = np.where(k, r.step_ends[:, 1] - r.step_ends[:, 0], 0)
+            per_q.append(two.mean())
+        stats[spec] = np.asarray(per_q)
+    a, b = stats[True], stats[False]
+    z = (a.mean() - b.mean()) / np.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size)
+    assert abs(z) < 4.5, (z, a.mean(), b.mean())
+
+
+# ------------------------------------------------ particle Gibbs, parallel tempering
+
+
+def test_conditional_sweep_replays_the_reference_in_slot_0(lm):
+    """Slot 0 reproduces the reference exactly; forks of it continue correctly.
+
+    A first sweep's final particles give a reference (drawn from the final weights);
+    a conditional sweep must keep it in slot 0 (ancestor 0 at every step) with the
+    same tokens, step ends, steps and reward, and every particle's buffers must be
+    those of a fresh forward pass over its own tokens (forks included).
+    """
+    from smcjax.llm.its import _sweep, _take_reference
+
+    n = 8
+    ids = np.asarray(format_prompt(lm.tokenizer, QUESTION), np.int32)
+    plen = len(ids)
+    opts = PFOptions(**SPEC_OPTS)
+    tables = _tables(lm, "e")
+    eos = tuple(int(e) for e in lm.eos_ids)
+
+    @jax.jit
+    def run(key, lm_):
+        kw = dict(reward=PARITY, num_particles=n, opts=opts, tables=tables, eos_ids=eos)
+        args = (lm_, None, jnp.asarray(ids), jnp.int32(plen), None)
+        k1, k2, k3 = jax.random.split(key, 3)
+        _, st1 = _sweep(k1, *args, **kw)
+        ref = _take_reference(k2, lm_, st1, opts)
+        tr2, st2 = _sweep(k3, *args, reference=ref, **kw)
+        return ref, tr2, st2.particles
+
+    forked = 0
+    for seed in range(2):
+        ref, tr, x = run(jax.random.key(40 + seed), lm)
+        k = int(ref.num_steps)
+        length = int(ref.step_ends[k - 1])
+        assert int(x.num_steps[0]) == k
+        np.testing.assert_array_equal(x.step_ends[0, :k], ref.step_ends[:k])
+        np.testing.assert_array_equal(x.decode.tokens[0, :length], ref.tokens[:length])
+        assert int(x.decode.lengths[0]) == length
+        np.testing.assert_allclose(x.log_reward[0], ref.log_reward, atol=1e-6)
+        t_run = int(tr.num_iterations)
+        anc = np.asarray(tr.ancestors[1:t_run])
+        assert (anc[:, 0] == 0).all()
+        forked += int((anc[:, 1:] == 0).sum())
+        for i in range(n):
+            li = int(x.decode.lengths[i])
+            row = np.asarray(x.decode.tokens[i, :li])
+            fresh = np.asarray(lm.logits(row[None])[0])
+            lsm = fresh - np.logaddexp.reduce(fresh, axis=-1, keepdims=True)
+            want = lsm[np.arange(plen - 1, li - 1), row[plen:]]
+            np.testing.assert_allclose(
+                np.asarray(x.decode.logprobs[i, plen:li]), want, atol=3e-4
+            )
+            np.testing.assert_allclose(x.decode.logits[i], fresh[-1], atol=3e-4)
+        # the reference's step logits are those of its prefixes
+        row = np.asarray(ref.tokens[:length])
+        fresh = np.asarray(lm.logits(row[None])[0])
+        for j in range(k):
+            e = int(ref.step_ends[j])
+            np.testing.assert_allclose(ref.step_logits[j], fresh[e - 1], atol=3e-4)
+    assert forked > 0  # resampling forked the reference at least once
+
+
+def test_swap_references_metropolis_ratio_and_permutation():
+    """Eq. 4 on hand-made references: the probabilities and the swapped order."""
+    from smcjax.llm.its import Reference, _swap_references
+
+    m = 4
+    log_r = jnp.log(jnp.asarray([0.9, 0.2, 0.6, 0.3], jnp.float32))
+    taus = jnp.asarray([8.0, 4.0, 2.0, 1.0])
+    refs = Reference(
+        tokens=jnp.arange(m)[:, None] * jnp.ones((1, 3), jnp.int32),
+        logprobs=jnp.zeros((m, 3)),
+        proposal_logprobs=jnp.zeros((m, 3)),
+        cache=(),
+        step_ends=jnp.zeros((m, 2), jnp.int32),
+        num_steps=jnp.arange(m),
+        step_logits=jnp.zeros((m, 2, 5)),
+        log_reward=log_r,
+        active=jnp.ones((m,), bool),
+    )
+    ell = np.log(np.exp(log_r) / (1 - np.exp(log_r)))
+    want = np.minimum(
+        1.0, np.exp((ell[1:] - ell[:-1]) * (1 / taus[:-1] - 1 / taus[1:]))
+    )
+    swaps = np.zeros(m - 1)
+    reps = 4000
+    for parity in (0, 1):
+        swap = jax.jit(
+            jax.vmap(lambda k, p=parity: _swap_references(k, refs, taus, p, "paper"))
+        )
+        out, prob = swap(jax.random.split(jax.random.key(parity), reps))
+        tried = np.arange(m - 1) % 2 == parity
+        prob = np.asarray(prob)
+        np.testing.assert_allclose(
+            prob[:, tried], want[None, tried].repeat(reps, 0), rtol=1e-5
+        )
+        assert np.isnan(prob[:, ~tried]).all()
+        order = np.asarray(out.num_steps)  # (reps, m): where each reference went
+        np.testing.assert_array_equal(
+            np.sort(order, axis=1), np.arange(m)[None].repeat(reps, 0)
+        )
+        np.testing.assert_array_equal(np.asarray(out.tokens[:, :, 0]), order)
+        for k in np.flatnonzero(tried):
+            swapped = order[:, k] == k + 1
+            np.testing.assert_array_equal(order[swapped, k + 1], k)
+            np.testing.assert_array_equal(order[~swapped, k], k)
+            np.testing.assert_array_equal(order[~swapped, k + 1], k + 1)
+            swaps[k] += swapped.sum()
+    rate = swaps / reps
+    se = np.sqrt(want * (1 - want) / reps) + 1e-9
+    assert (np.abs(rate - want) < 4.5 * se + 1e-3).all(), (rate, want)
+
+
+ONE_STEP = dict(
+    max_steps=1, step_cap=4, max_new_tokens=4, aggregation="last", weights="fk"
+)
+
+
+def test_particle_gibbs_and_tempering_target_the_reward_tilted_lm(lm):
+    """References are distributed as π(x) ∝ p_LM(x) r(x) (fk weights, τ = 1).
+
+    One step whose reward is 0.8 for an even token sum, 0.2 otherwise: π(even) =
+    0.8 p / (0.8 p + 0.2 (1 - p)) with p = P_LM(even), estimated from the fresh
+    particles of first sweeps. The even fraction of the references of sweeps 2..K
+    (particle Gibbs; and the target chain of parallel tempering) must match π(even):
+    replicate runs are independent, so the z score uses their spread, |z| < 4.5.
+    """
+    from smcjax.llm.its import parallel_tempering, particle_gibbs
+
+    reps, k_sweeps = 24, 5
+    fresh, pg_even, pt_even, acc = [], [], [], []
+    for r in range(reps):
+        g = particle_gibbs(
+            jax.random.key(100 + r), lm, PARITY, QUESTION, 4, k_sweeps, **ONE_STEP
+        )
+        pg_even.append(np.mean(np.isclose(g.reference_log_rewards[1:, 0], np.log(HI))))
+        t = parallel_tempering(
+            jax.random.key(500 + r),
+            lm,
+            PARITY,
+            QUESTION,
+            4,
+            k_sweeps,
+            temperatures=(3.0, 1.0),
+            **ONE_STEP,
+        )
+        pt_even.append(np.mean(np.isclose(t.reference_log_rewards[1:, -1], np.log(HI))))
+        acc.append(np.nanmean(t.swap_acceptance))
+        # unweighted LM draws: a plain filter without resampling
+        b = particle_filter(
+            jax.random.key(900 + r),
+            lm,
+            PARITY,
+            QUESTION,
+            8,
+            ess_threshold=0.0,
+            **ONE_STEP,
+        )
+        fresh.append(np.mean(np.isclose(b.rewards, HI)))
+    fresh = np.asarray(fresh)
+    p = fresh.mean()
+    assert 0.1 < p < 0.9
+    pi = HI * p / (HI * p + LO * (1 - p))
+    # delta method for the se of pi(p_hat)
+    dpi = HI * LO / (HI * p + LO * (1 - p)) ** 2
+    se_pi = dpi * fresh.std(ddof=1) / np.sqrt(reps)
+    for name, x in (("pg", np.asarray(pg_even)), ("pt", np.asarray(pt_even))):
+        z = (x.mean() - pi) / np.sqrt(x.var(ddof=1) / reps + se_pi**2)
+        assert abs(z) < 4.5, (name, z, x.mean(), pi)
+    assert 0.0 < np.mean(acc) <= 1.0
+    # the result describes the last sweep of the target chain, and budgets add up
+    assert t.result.log_weights.shape == (4,)
+    assert t.tokens_per_sweep.shape == (k_sweeps, 2)
+    assert t.tokens_generated == int(t.tokens_per_sweep.sum())
+    assert t.answer == t.result.answer and t.texts == t.result.texts
+
+
+def test_gibbs_bad_arguments(lm):
+    from smcjax.llm.its import parallel_tempering, particle_gibbs
+
+    with pytest.raises(ValueError, match="num_particles"):
+        particle_gibbs(jax.random.key(0), lm, PARITY, QUESTION, 1)
+    with pytest.raises(ValueError, match="num_iterations"):
+        particle_gibbs(jax.random.key(0), lm, PARITY, QUESTION, 4, 0)
+    with pytest.raises(ValueError, match="decreasing"):
+        parallel_tempering(
+            jax.random.key(0), lm, PARITY, QUESTION, 4, temperatures=(1.0, 2.0)
+        )
+    with pytest.raises(ValueError, match="conditional"):
+        particle_gibbs(
+            jax.random.key(0), lm, PARITY, QUESTION, 4, resampling=lambda k, w, m: w
+        )

@@ -37,6 +37,15 @@ its reward bookkeeping (all with the particle axis first, so resampling is the e
 * Final answer: the particle with the highest final reward (``select="argmax"``), or a
   weighted vote of the extracted answers with the final weights (``select="vote"``).
 
+Idle rows: a step ends when its longest row ends; rows that finished earlier start
+their next step meanwhile (``speculate=True``) and, after resampling, the first copy of
+each particle keeps those tokens (:func:`_step_decode` explains why the law is
+unchanged).
+
+Particle Gibbs (:func:`particle_gibbs`) and parallel tempering
+(:func:`parallel_tempering`) run conditional sweeps of the same program: slot 0 replays
+a reference trajectory (tokens, KV cache, rewards) and the resampling pins it.
+
 Everything runs as ONE compiled program per (model, reward, options): a
 ``lax.while_loop`` over steps that stops when every particle is finished, wrapping the
 decoding ``lax.while_loop`` over tokens. :func:`particle_filter` runs one question,
@@ -45,6 +54,7 @@ decoding ``lax.while_loop`` over tokens. :func:`particle_filter` runs one questi
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -57,6 +67,7 @@ from smcjax.core import FeynmanKac, SMCState, build_step
 from smcjax.core import init as smc_init
 from smcjax.llm import decoding
 from smcjax.llm.answers import extract_answer, weighted_vote
+from smcjax.llm.model import init_cache
 from smcjax.llm.rewards import (
     AGGREGATIONS,
     Reward,
@@ -67,11 +78,12 @@ from smcjax.llm.rewards import (
     logit,
 )
 from smcjax.resampling import ess as ess_fn
-from smcjax.resampling import get_resampler
+from smcjax.resampling import get_conditional_resampler, get_resampler
 from smcjax.types import Array, ArrayTree, PRNGKey
 
 __all__ = [
     "SYSTEM_PROMPT",
+    "GibbsResult",
     "LLMParticles",
     "PFOptions",
     "ParticleFilterResult",
@@ -80,8 +92,10 @@ __all__ = [
     "format_prompt",
     "greedy",
     "llm_feynman_kac",
+    "parallel_tempering",
     "particle_filter",
     "particle_filter_batch",
+    "particle_gibbs",
     "pattern_table",
     "self_consistency",
     "top_k_resampler",
@@ -108,6 +122,62 @@ class PFOptions(NamedTuple):
     resampling: Any = "multinomial"  # a name or a resampler callable
     ess_threshold: float | None = None  # None: 1.0 for paper/entropic, 0.5 for fk
     early_phase: float = 0.5
+    speculate: bool = True
+    step_delimiter: str = "\n\n"
+
+
+class Speculation(NamedTuple):
+    """Tokens a particle generated past its last scored step, while others caught up.
+
+    Attributes
+    ----------
+    matcher : Array
+        ``(N, n_stop)`` step-delimiter automaton state after those tokens.
+    num_tokens : Array
+        ``(N,)`` how many (``decode.lengths - boundary``).
+    complete : Array
+        ``(N,)`` bool: they already form a whole step (ended by the delimiter, EOS or
+        a cap), so the next step is ready without decoding.
+    reason : Array
+        ``(N,)`` why that step ended (a :mod:`~smcjax.llm.decoding` stop reason).
+    """
+
+    matcher: Array
+    num_tokens: Array
+    complete: Array
+    reason: Array
+
+
+class Reference(NamedTuple):
+    r"""A particle Gibbs reference trajectory, replayed in slot 0 of a sweep.
+
+    Attributes
+    ----------
+    tokens, logprobs, proposal_logprobs : Array
+        ``(S,)`` its token buffer and per-token log-probabilities.
+    cache : KVCache
+        Its KV cache (batch axis of size 1), valid below its final length.
+    step_ends : Array
+        ``(T,)`` buffer position where each of its steps ends.
+    num_steps : Array
+        ``()`` its number of steps.
+    step_logits : Array
+        ``(T, V)`` next-token logits at each step end (what a fork continues from).
+    log_reward : Array
+        ``()`` its final aggregated :math:`\log r` (for the swap ratio).
+    active : Array
+        ``()`` bool; ``False`` in a first sweep, which has no reference yet.
+    """
+
+    tokens: Array
+    logprobs: Array
+    proposal_logprobs: Array
+    cache: Any
+    step_ends: Array
+    num_steps: Array
+    step_logits: Array
+    log_reward: Array
+    active: Array
 
 
 class LLMParticles(NamedTuple):
@@ -133,6 +203,17 @@ class LLMParticles(NamedTuple):
         ``(N,)`` tokens generated at the last step.
     decode_iters : Array
         ``(N,)`` batched forward passes of the last step (same for every particle).
+    boundary : Array
+        ``(N,)`` end of the last scored step (the committed length); with speculation
+        ``decode.lengths`` may run past it.
+    boundary_logits : Array
+        ``(N, V)`` next-token logits at ``boundary`` (restored when a copy drops the
+        speculative tokens of its ancestor).
+    spec : Speculation
+        State of the tokens generated past ``boundary`` (see :func:`_step_decode`).
+    origin : Array
+        ``(N,)`` row index before resampling (``arange(N)`` after every step); after the
+        engine's gather, the first row holding each origin keeps its speculation.
     """
 
     decode: decoding.DecodeState
@@ -144,6 +225,10 @@ class LLMParticles(NamedTuple):
     finished: Array
     new_tokens: Array
     decode_iters: Array
+    boundary: Array
+    boundary_logits: Array
+    spec: Speculation
+    origin: Array
 
 
 # ------------------------------------------------------------------------- prompts
@@ -194,6 +279,211 @@ def _boxed_in_window(
     return hit
 
 
+def _step_decode(
+    lm: Any,
+    key: PRNGKey,
+    ds: decoding.DecodeState,
+    spec: Speculation,
+    boundary: Array,
+    boundary_logits: Array,
+    active: Array,
+    *,
+    limit: Array,
+    step_cap: int,
+    temperature: float,
+    top_p: float,
+    stop: decoding.StopTable,
+    eos_ids: Array,
+    speculate: bool,
+) -> tuple[decoding.DecodeState, Array, Array, Array, Array, Speculation, Array]:
+    r"""Generate one reasoning step for every active particle, speculating when idle.
+
+    A step ends at the delimiter (``stop``), an EOS id, ``step_cap`` tokens or the slot
+    ``limit``. The batched forward pass runs until the *last* active row ends its
+    step; with ``speculate`` a row that ended its step meanwhile does not idle: it goes
+    on sampling its *next* step (until that one ends too) instead of burning its row
+    of the batch on masked work. Those tokens are kept past ``boundary`` and, after
+    the engine resamples, continued by the first copy of the particle (see
+    :func:`llm_feynman_kac`); the other copies drop them.
+
+    Why this leaves the filter exact: the speculative tokens of particle :math:`i` are
+    drawn from :math:`p_{LM}(\cdot \mid x^i_{0:t})` with randomness independent of
+    the step-:math:`t` weights (the reward scores tokens up to the boundary only) and
+    of the other particles' tokens; pausing the sampler at a time set by *other*
+    rows and resuming later does not change the law of an autoregressive sample. So
+    one copy of each resampled ancestor may use them as its step :math:`t + 1`, and
+    the remaining copies draw theirs afresh: given the resampled prefixes, the next
+    steps are independent draws from the LM, as in the plain algorithm.
+
+    Returns
+    -------
+    ds : DecodeState
+        ``lengths`` includes the speculative tokens.
+    end : Array
+        ``(N,)`` end of the step just completed (``boundary`` for inactive rows).
+    reason : Array
+        ``(N,)`` its stop reason (``NOT_RUN`` for inactive rows).
+    boundary_logits : Array
+        ``(N, V)`` next-token logits at ``end``.
+    iters : Array
+        Number of batched forward passes.
+    spec : Speculation
+        The speculative tokens' state after this call.
+    spec_tokens : Array
+        ``(N,)`` speculative tokens generated in this call.
+    """
+    b, s = ds.tokens.shape
+    eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
+    n_stop = stop.transitions.shape[0]
+    rows = jnp.arange(b)
+    not_run = jnp.int32(decoding.NOT_RUN)
+    # phase 0: inside the step to score; 1: speculating the next one; 2: idle.
+    ready = active & spec.complete  # the step to score is already there
+    ends_particle = (spec.reason == decoding.EOS) | (ds.lengths >= limit)
+    phase0 = jnp.where(
+        ~active,
+        2,
+        jnp.where(ready, jnp.where(ends_particle | (not speculate), 2, 1), 0),
+    ).astype(jnp.int32)
+
+    class Carry(NamedTuple):
+        ds: decoding.DecodeState
+        key: Array
+        phase: Array
+        end: Array
+        reason: Array
+        blogits: Array
+        matcher: Array
+        seg: Array  # tokens in the current segment (step or speculation)
+        sreason: Array
+        spec_tokens: Array
+        it: Array
+
+    fresh_seg = ready  # rows whose step is ready start a new (speculative) segment
+    init = Carry(
+        ds=ds,
+        key=key,
+        phase=phase0,
+        end=jnp.where(ready, ds.lengths, boundary),
+        reason=jnp.where(ready, spec.reason, not_run),
+        blogits=jnp.where(ready[:, None], ds.logits, boundary_logits),
+        matcher=jnp.where(fresh_seg[:, None], 0, spec.matcher),
+        seg=jnp.where(fresh_seg, 0, spec.num_tokens),
+        sreason=jnp.full((b,), not_run),
+        spec_tokens=jnp.zeros((b,), jnp.int32),
+        it=jnp.zeros((), jnp.int32),
+    )
+
+    def cond(c: Carry) -> Array:
+        return jnp.any(c.phase == 0)
+
+    def body(c: Carry) -> Carry:
+        st = c.ds
+        gen = c.phase < 2
+        key, sub = jax.random.split(c.key)
+        tok, lp, lq = decoding.sample_tokens(sub, st.logits, temperature, top_p)
+        write = jnp.where(gen, st.lengths, s)  # out of range -> dropped
+        tokens = st.tokens.at[rows, write].set(tok, mode="drop")
+        logprobs = st.logprobs.at[rows, write].set(lp, mode="drop")
+        proposal = st.proposal_logprobs.at[rows, write].set(lq, mode="drop")
+        lengths = st.lengths + gen
+        seg = c.seg + gen
+        is_eos = gen & jnp.any(tok[:, None] == eos[None, :], axis=-1)
+        matcher = stop.transitions[jnp.arange(n_stop)[None, :], c.matcher, tok[:, None]]
+        matched = gen & jnp.any(matcher == stop.lengths[None, :], axis=-1)
+        capped = gen & ((seg >= step_cap) | (lengths >= limit))
+        why = jnp.where(
+            is_eos,
+            decoding.EOS,
+            jnp.where(matched, decoding.STOP_SEQUENCE, decoding.MAX_NEW_TOKENS),
+        ).astype(jnp.int32)
+        ended = is_eos | matched | capped
+        logits, cache = lm(tok[:, None], write[:, None], st.cache)
+        logits = jnp.where(gen[:, None], logits[:, 0], st.logits)
+        fin0 = (c.phase == 0) & ended  # the step to score ends here
+        fin1 = (c.phase == 1) & ended  # the speculative step ends here
+        goes_on = speculate & ~is_eos & (lengths < limit)
+        phase = jnp.where(
+            fin0, jnp.where(goes_on, 1, 2), jnp.where(fin1, 2, c.phase)
+        ).astype(jnp.int32)
+        st = st._replace(
+            tokens=tokens,
+            lengths=lengths,
+            cache=cache,
+            logits=logits,
+            logprobs=logprobs,
+            proposal_logprobs=proposal,
+        )
+        return Carry(
+            ds=st,
+            key=key,
+            phase=phase,
+            end=jnp.where(fin0, lengths, c.end),
+            reason=jnp.where(fin0, why, c.reason),
+            blogits=jnp.where(fin0[:, None], logits, c.blogits),
+            matcher=jnp.where(fin0[:, None], 0, matcher),
+            seg=jnp.where(fin0, 0, seg),
+            sreason=jnp.where(fin1, why, c.sreason),
+            spec_tokens=c.spec_tokens + (gen & (c.phase == 1)),
+            it=c.it + 1,
+        )
+
+    out = jax.lax.while_loop(cond, body, init)
+    new_spec = Speculation(
+        matcher=out.matcher,
+        num_tokens=out.ds.lengths - out.end,
+        complete=out.sreason != not_run,
+        reason=out.sreason,
+    )
+    return (
+        out.ds,
+        out.end,
+        out.reason,
+        out.blogits,
+        out.it,
+        new_spec,
+        out.spec_tokens,
+    )
+
+
+def _replay_reference(
+    ref: Reference,
+    ds: decoding.DecodeState,
+    end: Array,
+    blogits: Array,
+    spec: Speculation,
+    num_steps: Array,
+    active: Array,
+):
+    """Overwrite slot 0 with the reference's next step (when ``ref.active``).
+
+    Only row 0 is touched (``.at[0].set``), so the cost is one row of the cache.
+    Returns the updated ``(ds, end, blogits, spec, is_ref)``; ``is_ref`` is the
+    ``(N,)`` mask of the replayed row.
+    """
+    n = end.shape[0]
+    on = ref.active & active[0]
+    k = jnp.clip(num_steps[0], 0, ref.step_ends.shape[0] - 1)  # 0-based step index
+    e0 = ref.step_ends[k]
+    lg = ref.step_logits[k]
+
+    def put(a, v):
+        return a.at[0].set(jnp.where(on, v.astype(a.dtype), a[0]))
+
+    cache = jax.tree.map(lambda c, r: put(c, r[0]), ds.cache, ref.cache)
+    ds = ds._replace(
+        tokens=put(ds.tokens, ref.tokens),
+        logprobs=put(ds.logprobs, ref.logprobs),
+        proposal_logprobs=put(ds.proposal_logprobs, ref.proposal_logprobs),
+        cache=cache,
+        lengths=put(ds.lengths, e0),
+        logits=put(ds.logits, lg),
+    )
+    spec = jax.tree.map(lambda a: put(a, jnp.zeros_like(a[0])), spec)
+    is_ref = (jnp.arange(n) == 0) & on
+    return ds, put(end, e0), put(blogits, lg), spec, is_ref
+
+
 def llm_feynman_kac(
     lm: Any,
     reward: Reward,
@@ -204,6 +494,9 @@ def llm_feynman_kac(
     opts: PFOptions,
     tables: tuple[decoding.StopTable, decoding.StopTable],
     eos_ids: Array,
+    *,
+    reference: Reference | None = None,
+    softmax_temperature: Array | None = None,
 ) -> FeynmanKac:
     r"""Build the LLM particle filter as a vectorized :class:`~smcjax.FeynmanKac`.
 
@@ -222,40 +515,89 @@ def llm_feynman_kac(
         Automata for ``"\\n\\n"`` (ends a step) and ``"\\boxed"`` (ends a particle).
     eos_ids
         End-of-sequence ids.
+    reference : Reference, optional
+        Conditional SMC (particle Gibbs): when ``reference.active``, slot 0 replays the
+        reference trajectory step by step instead of sampling (pair it with a
+        conditional resampler that pins slot 0). Other slots may fork from it.
+    softmax_temperature : Array, optional
+        A traced τ overriding ``opts.softmax_temperature`` (one per tempered chain).
     """
     p = prompt.shape[0]
+    tau = (
+        opts.softmax_temperature if softmax_temperature is None else softmax_temperature
+    )
     buf = p + opts.max_new_tokens + reward.extra_slots
     limit = prompt_len + opts.max_new_tokens  # no solution token beyond this slot
-    spec = RewardSpec(
+    spec_r = RewardSpec(
         opts.aggregation, opts.step_cap, opts.max_new_tokens, opts.max_steps
     )
     step_table, boxed_table = tables
     t_max = opts.max_steps
 
     def extend(key, t, x: LLMParticles) -> LLMParticles:
-        ds = x.decode._replace(done=x.decode.done | x.finished)
-        n = ds.lengths.shape[0]
+        n = x.finished.shape[0]
+        rows = jnp.arange(n)
         active = ~x.finished
-        max_new = jnp.clip(jnp.minimum(opts.step_cap, limit - ds.lengths), 0)
-        ds, info = decoding.decode(
+        # After resampling, the first row holding each ancestor continues its
+        # speculative tokens; the other copies go back to the scored boundary.
+        first = jnp.full((n,), n, jnp.int32).at[x.origin].min(rows)
+        keep = (first[x.origin] == rows) & active
+        ds = x.decode._replace(
+            lengths=jnp.where(keep, x.decode.lengths, x.boundary),
+            logits=jnp.where(keep[:, None], x.decode.logits, x.boundary_logits),
+        )
+        spec = Speculation(
+            matcher=jnp.where(keep[:, None], x.spec.matcher, 0),
+            num_tokens=jnp.where(keep, x.spec.num_tokens, 0),
+            complete=keep & x.spec.complete,
+            reason=jnp.where(keep, x.spec.reason, decoding.NOT_RUN),
+        )
+        ds, end, why, blogits, iters, spec, _ = _step_decode(
             lm,
             key,
             ds,
-            max_new_tokens=max_new,
+            spec,
+            x.boundary,
+            x.boundary_logits,
+            active,
+            limit=limit,
+            step_cap=opts.step_cap,
             temperature=opts.temperature,
             top_p=opts.top_p,
             stop=step_table,
             eos_ids=eos_ids,
+            speculate=opts.speculate,
         )
-        start, end = info.start_lengths, ds.lengths
-        boxed = _boxed_in_window(boxed_table, ds.tokens, start, end, opts.step_cap)
+        start = x.boundary
         num_steps = x.num_steps + active.astype(jnp.int32)
+        is_ref = jnp.zeros((n,), bool)
+        if reference is not None:
+            ds, end, blogits, spec, is_ref = _replay_reference(
+                reference, ds, end, blogits, spec, x.num_steps, active
+            )
+        boxed = _boxed_in_window(boxed_table, ds.tokens, start, end, opts.step_cap)
         finished = (
             x.finished
-            | ds.done
+            | (active & (why == decoding.EOS))
             | (active & boxed)
             | (num_steps >= t_max)
             | (end >= limit)
+        )
+        if reference is not None:  # the reference ends where it ended
+            finished = jnp.where(
+                is_ref, x.finished | (num_steps >= reference.num_steps), finished
+            )
+        # a finished particle's text ends at its last step: drop its speculation
+        ds = ds._replace(
+            lengths=jnp.where(finished, end, ds.lengths),
+            logits=jnp.where(finished[:, None], blogits, ds.logits),
+            done=ds.done | finished,
+        )
+        spec = jax.tree.map(
+            lambda a: jnp.where(
+                finished.reshape((n,) + (1,) * (a.ndim - 1)), jnp.zeros_like(a), a
+            ),
+            spec,
         )
         inp = StepInput(
             tokens=ds.tokens,
@@ -268,9 +610,8 @@ def llm_feynman_kac(
             cache=ds.cache,
             t=jnp.asarray(t, jnp.int32),
         )
-        r_state, score = reward.step(reward_params, x.reward_state, inp, spec)
+        r_state, score = reward.step(reward_params, x.reward_state, inp, spec_r)
         log_s = jnp.log(jnp.clip(score.astype(jnp.float32), 1e-30, 1.0))
-        rows = jnp.arange(n)
         col = jnp.clip(num_steps - 1, 0, t_max - 1)
         log_scores = x.log_scores.at[rows, col].set(
             jnp.where(active, log_s, x.log_scores[rows, col])
@@ -282,21 +623,25 @@ def llm_feynman_kac(
             active, aggregate(log_scores, num_steps, opts.aggregation), x.log_reward
         )
         return LLMParticles(
-            decode=ds._replace(done=finished),
+            decode=ds,
             reward_state=r_state,
             log_scores=log_scores,
             step_ends=step_ends,
             num_steps=num_steps,
             log_reward=log_reward,
             finished=finished,
-            new_tokens=info.num_new_tokens,
-            decode_iters=jnp.broadcast_to(info.num_steps, (n,)),
+            new_tokens=jnp.where(active & ~is_ref, end - start, 0),
+            decode_iters=jnp.broadcast_to(iters, (n,)),
+            boundary=end,
+            boundary_logits=blogits,
+            spec=spec,
+            origin=rows,
         )
 
     def init(key, n):
         ds = decoding.prefill(lm, prompt[None], prompt_len[None], buf)
         ds = decoding.broadcast_state(ds, n)
-        r_state = reward.init(reward_params, prepared, n, spec)
+        r_state = reward.init(reward_params, prepared, n, spec_r)
         x = LLMParticles(
             decode=ds,
             reward_state=r_state,
@@ -307,6 +652,15 @@ def llm_feynman_kac(
             finished=jnp.zeros((n,), bool),
             new_tokens=jnp.zeros((n,), jnp.int32),
             decode_iters=jnp.zeros((n,), jnp.int32),
+            boundary=ds.lengths,
+            boundary_logits=ds.logits,
+            spec=Speculation(
+                matcher=jnp.zeros((n, step_table.transitions.shape[0]), jnp.int32),
+                num_tokens=jnp.zeros((n,), jnp.int32),
+                complete=jnp.zeros((n,), bool),
+                reason=jnp.zeros((n,), jnp.int32),
+            ),
+            origin=jnp.arange(n, dtype=jnp.int32),
         )
         return x  # the prompt alone: t = 0 carries no step and uniform weights
 
@@ -317,19 +671,19 @@ def llm_feynman_kac(
         ell = logit(x.log_reward)
         if opts.weights == "fk":
             prev = 0.0 if x_prev is None else x_prev.log_reward
-            return (x.log_reward - prev) / opts.softmax_temperature
+            return (x.log_reward - prev) / tau
         if opts.weights == "entropic":
             n = ell.shape[0]
             ratio = ess_fn(ell) / n
             progress = jnp.asarray(t, jnp.float32) / t_max
             thr = 0.5 if opts.ess_threshold is None else opts.ess_threshold
-            tau = jnp.where(
+            anneal = jnp.where(
                 (ratio < thr) & (progress < opts.early_phase) & (ratio > 0),
                 jnp.maximum(1.0, (1.0 - progress) / jnp.maximum(ratio, 1e-12)),
                 1.0,
             )
-            return ell / (opts.softmax_temperature * tau)
-        return ell / opts.softmax_temperature
+            return ell / (tau * anneal)
+        return ell / tau
 
     return FeynmanKac(init, propagate, log_potential, vectorized=True)
 
@@ -360,7 +714,12 @@ class _Trace(NamedTuple):
     eos_finished: Array
 
 
-def _run(
+def _run(*args: Any, **kwargs: Any) -> _Trace:
+    """One particle-filter run (see :func:`_sweep`); the device trace only."""
+    return _sweep(*args, **kwargs)[0]
+
+
+def _sweep(
     key: PRNGKey,
     lm: Any,
     reward_params: ArrayTree,
@@ -373,20 +732,41 @@ def _run(
     opts: PFOptions,
     tables,
     eos_ids: tuple[int, ...],
-) -> _Trace:
+    reference: Reference | None = None,
+    softmax_temperature: Array | None = None,
+) -> tuple[_Trace, SMCState]:
+    """One run of the filter (a conditional one with ``reference``): trace, state."""
     n, t_max = num_particles, opts.max_steps + 1  # t = 0 is the shared prompt
     eos = jnp.asarray(eos_ids, jnp.int32)
     model = llm_feynman_kac(
-        lm, reward, reward_params, prompt, prompt_len, prepared, opts, tables, eos
+        lm,
+        reward,
+        reward_params,
+        prompt,
+        prompt_len,
+        prepared,
+        opts,
+        tables,
+        eos,
+        reference=reference,
+        softmax_temperature=softmax_temperature,
     )
     thr = opts.ess_threshold
     if opts.weights == "entropic":
         thr = 1.0  # its_hub resamples every step; ess_threshold triggers the annealing
     elif thr is None:
         thr = 0.5 if opts.weights == "fk" else 1.0
-    step = build_step(
-        model, resampling=get_resampler(opts.resampling), ess_threshold=thr
-    )
+    resampler = get_resampler(opts.resampling)
+    if reference is not None:
+        conditional = get_conditional_resampler(opts.resampling)
+        plain = resampler
+
+        def resampler(k, lw, m=None):  # slot 0 (the reference) keeps itself
+            return jnp.where(
+                reference.active, conditional(k, lw, 0, m), plain(k, lw, m)
+            )
+
+    step = build_step(model, resampling=resampler, ess_threshold=thr)
     k0, k_loop = jax.random.split(key)
     state, info0 = smc_init(k0, model, n)
 
@@ -427,7 +807,7 @@ def _run(
     last = jnp.take_along_axis(ds.tokens, jnp.maximum(ds.lengths - 1, 0)[:, None], 1)[
         :, 0
     ]
-    return _Trace(
+    trace = _Trace(
         tokens=ds.tokens,
         lengths=ds.lengths,
         prompt_length=prompt_len,
@@ -447,6 +827,7 @@ def _run(
         num_iterations=t_end,
         eos_finished=jnp.any(last[:, None] == eos[None, :], axis=-1),
     )
+    return trace, state
 
 
 _COMPILED: dict[Any, Any] = {}
@@ -494,12 +875,186 @@ def _executable(
             eos_ids=eos_ids,
         )
 
-    if batched:
+    if isinstance(batched, tuple):  # ("gibbs", temperatures, iterations)
+        _, taus, iters = batched
+
+        def run(k, lm_, params, prompt, plen, prepared):
+            return _gibbs(
+                k,
+                lm_,
+                params,
+                prompt,
+                plen,
+                prepared,
+                reward=reward,
+                num_particles=n,
+                opts=opts,
+                tables=tables,
+                eos_ids=eos_ids,
+                temperatures=taus,
+                num_iterations=iters,
+            )
+
+    elif batched:
         run = jax.vmap(run, in_axes=(0, None, None, 0, 0, 0))
     t0 = time.perf_counter()
     exe = jax.jit(run).lower(*args).compile()
     _COMPILED[key] = (exe, reward, tables)  # keep the ids in the key alive
     return exe, time.perf_counter() - t0
+
+
+# ------------------------------------------------- particle Gibbs, parallel tempering
+
+
+class _GibbsStats(NamedTuple):
+    reference_log_rewards: Array  # (K, M) after each sweep (and swap)
+    swap_acceptance: Array  # (K, M - 1) Metropolis probabilities, NaN if not tried
+    tokens: Array  # (K, M) tokens generated per sweep and chain
+
+
+def _final_log_target(log_reward: Array, weights: str) -> Array:
+    """``ℓ(x)``: the final log-weight at τ = 1 (``logit r``; ``log r`` for fk)."""
+    return log_reward if weights == "fk" else logit(log_reward)
+
+
+def _take_reference(
+    key: PRNGKey, lm: Any, state: SMCState, opts: PFOptions
+) -> Reference:
+    r"""Draw the next reference :math:`j \sim \mathrm{softmax}(\log w_T)`."""
+    x: LLMParticles = state.particles
+    ds = x.decode
+    j = jax.random.categorical(key, state.log_weights)
+    s = ds.tokens.shape[1]
+    toks = ds.tokens[j]
+    cache = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, j, 1, 0), ds.cache)
+    # logits at each step end, for forks of the reference: one cache-free pass
+    h, _ = lm.hidden(toks[None], jnp.arange(s, dtype=jnp.int32)[None])
+    idx = jnp.clip(x.step_ends[j] - 1, 0, s - 1)
+    step_logits = lm.head(h[0, idx]).astype(jnp.float32)
+    return Reference(
+        tokens=toks,
+        logprobs=ds.logprobs[j],
+        proposal_logprobs=ds.proposal_logprobs[j],
+        cache=cache,
+        step_ends=x.step_ends[j],
+        num_steps=x.num_steps[j],
+        step_logits=step_logits,
+        log_reward=x.log_reward[j],
+        active=jnp.ones((), bool),
+    )
+
+
+def _swap_references(
+    key: PRNGKey, refs: Reference, taus: Array, parity: Array, weights: str
+) -> tuple[Reference, Array]:
+    r"""Replica exchange of the references of adjacent chains (Puri et al., Eq. 4).
+
+    Chain :math:`k` targets :math:`\pi_k(x) \propto p_{LM}(x)\, e^{\ell(x)/T_k}`;
+    swapping the references of chains :math:`k, k+1` is accepted with probability
+    :math:`\min\{1, \exp[(\ell_{k+1} - \ell_k)(1/T_k - 1/T_{k+1})]\}`. Pairs
+    :math:`(k, k+1)` with :math:`k \equiv` ``parity`` (mod 2) are tried together
+    (they are disjoint); alternating the parity between sweeps gives the
+    deterministic even/odd scheme.
+    """
+    m = taus.shape[0]
+    ell = _final_log_target(refs.log_reward, weights)
+    k = jnp.arange(m - 1)
+    log_a = (ell[1:] - ell[:-1]) * (1.0 / taus[:-1] - 1.0 / taus[1:])
+    prob = jnp.exp(jnp.minimum(log_a, 0.0))
+    tried = (k % 2) == parity
+    accept = tried & (jax.random.uniform(key, (m - 1,)) < prob)
+    idx = jnp.arange(m)
+    lo = jnp.concatenate([accept, jnp.zeros((1,), bool)])  # k swaps with k + 1
+    hi = jnp.concatenate([jnp.zeros((1,), bool), accept])  # k swaps with k - 1
+    perm = jnp.where(lo, idx + 1, jnp.where(hi, idx - 1, idx))
+    refs = jax.tree.map(lambda a: a[perm], refs)
+    return refs, jnp.where(tried, prob, jnp.nan)
+
+
+def _gibbs(
+    key: PRNGKey,
+    lm: Any,
+    reward_params: ArrayTree,
+    prompt: Array,
+    prompt_len: Array,
+    prepared: ArrayTree,
+    *,
+    reward: Reward,
+    num_particles: int,
+    opts: PFOptions,
+    tables,
+    eos_ids: tuple[int, ...],
+    temperatures: tuple[float, ...],
+    num_iterations: int,
+) -> tuple[_Trace, _GibbsStats]:
+    """Particle Gibbs sweeps of ``M = len(temperatures)`` chains, swaps between them.
+
+    Returns the traces of every chain's last sweep (chain axis first) and the
+    per-sweep statistics.
+    """
+    m = len(temperatures)
+    taus = jnp.asarray(temperatures, jnp.float32)
+
+    def sweep(k, ref, tau):
+        return _sweep(
+            k,
+            lm,
+            reward_params,
+            prompt,
+            prompt_len,
+            prepared,
+            reward=reward,
+            num_particles=num_particles,
+            opts=opts,
+            tables=tables,
+            eos_ids=eos_ids,
+            reference=ref,
+            softmax_temperature=tau,
+        )
+
+    chains = jax.vmap(sweep)
+    take = jax.vmap(lambda k, st: _take_reference(k, lm, st, opts))
+    # an inactive reference with the right shapes: the first sweep is a plain filter
+    buf = prompt.shape[0] + opts.max_new_tokens + reward.extra_slots
+    one_cache = init_cache(lm.config, 1, buf, lm.dtype)
+    ref0 = Reference(
+        tokens=jnp.zeros((m, buf), jnp.int32),
+        logprobs=jnp.zeros((m, buf), jnp.float32),
+        proposal_logprobs=jnp.zeros((m, buf), jnp.float32),
+        cache=jax.tree.map(lambda c: jnp.zeros((m, *c.shape), c.dtype), one_cache),
+        step_ends=jnp.zeros((m, opts.max_steps), jnp.int32),
+        num_steps=jnp.zeros((m,), jnp.int32),
+        step_logits=jnp.zeros((m, opts.max_steps, lm.config.vocab_size), jnp.float32),
+        log_reward=jnp.zeros((m,), jnp.float32),
+        active=jnp.zeros((m,), bool),
+    )
+
+    def body(refs, inp):
+        i, k = inp
+        k_sweep, k_take, k_swap = jax.random.split(k, 3)
+        tr, st = chains(jax.random.split(k_sweep, m), refs, taus)
+        refs = take(jax.random.split(k_take, m), st)
+        if m > 1:
+            refs, acc = _swap_references(k_swap, refs, taus, i % 2, opts.weights)
+        else:
+            acc = jnp.zeros((0,), jnp.float32)
+        tokens = jnp.sum(tr.tokens_per_step, axis=-1)
+        return refs, (tr, _GibbsStats(refs.log_reward, acc, tokens))
+
+    keys = jax.random.split(key, num_iterations)
+    steps = jnp.arange(num_iterations)
+
+    def scan_body(r, inp):
+        r, (_, stats) = body(r, inp)
+        return r, stats
+
+    refs, early = jax.lax.scan(scan_body, ref0, (steps[:-1], keys[:-1]))
+    # the last sweep's traces are the output (the scan carries only the references)
+    _, (tr, last) = body(refs, (steps[-1], keys[-1]))
+    stats = jax.tree.map(
+        lambda e, x: jnp.concatenate([e, x[None]], axis=0), early, last
+    )
+    return tr, stats
 
 
 # ------------------------------------------------------------------------ results
@@ -671,8 +1226,8 @@ def _options(**options: Any) -> tuple[PFOptions, str]:
     return opts, select
 
 
-def _tables(lm: Any):
-    return lm.stop_table("\n\n"), pattern_table(lm, "\\boxed")
+def _tables(lm: Any, delimiter: str = "\n\n"):
+    return lm.stop_table(delimiter), pattern_table(lm, "\\boxed")
 
 
 def pattern_table(lm: Any, pattern: str) -> decoding.StopTable:
@@ -748,8 +1303,10 @@ def particle_filter(
         the ESS falls below this fraction of N: 1.0 — every step — for paper, 0.5 for
         fk; for entropic, resampling is every step and this is the ESS ratio below
         which the weights are tempered, default 0.5), ``early_phase`` (0.5),
-        ``select`` (``"argmax"``, ``"vote"`` weighted by the final weights, or
-        ``"majority"``).
+        ``speculate`` (True: rows that ended their step start the next one while
+        the batch waits; see :func:`_step_decode`), ``step_delimiter``
+        (``"\n\n"``), ``select`` (``"argmax"``, ``"vote"`` weighted by the final
+        weights, or ``"majority"``).
 
     Returns
     -------
@@ -767,7 +1324,9 @@ def particle_filter(
     prepared = jax.tree.map(lambda a: a[0], prepared)
     args = (key, lm, rw.params, prompt, np.int32(len(ids)), prepared)
     t0 = time.perf_counter()
-    exe, comp = _executable(rw, n, opts, lm, _tables(lm), False, args)
+    exe, comp = _executable(
+        rw, n, opts, lm, _tables(lm, opts.step_delimiter), False, args
+    )
     tr = jax.block_until_ready(exe(*args))
     wall = time.perf_counter() - t0
     return _to_result(tr, tok, select, wall, comp)
@@ -815,7 +1374,9 @@ def particle_filter_batch(
             )
     args = (keys, lm, rw.params, prompt, plens, prepared)
     t0 = time.perf_counter()
-    exe, comp = _executable(rw, n, opts, lm, _tables(lm), True, args)
+    exe, comp = _executable(
+        rw, n, opts, lm, _tables(lm, opts.step_delimiter), True, args
+    )
     tr = jax.block_until_ready(exe(*args))
     wall = time.perf_counter() - t0
     out = []
@@ -823,6 +1384,226 @@ def particle_filter_batch(
         tq = jax.tree.map(lambda a, q=q: a[q], tr)
         out.append(_to_result(tq, tok, select, wall, comp))
     return out
+
+
+class GibbsResult(NamedTuple):
+    r"""Result of :func:`particle_gibbs` / :func:`parallel_tempering`.
+
+    ``result`` describes the last sweep of the target chain (τ = the option
+    ``softmax_temperature``, the coldest), with the same fields as
+    :func:`particle_filter`'s result; ``answer``, ``texts``, ``log_weights`` and the
+    other :class:`ParticleFilterResult` fields are forwarded to it, except
+    ``tokens_generated`` and ``wall_time``, which cover every sweep of every chain.
+
+    Attributes
+    ----------
+    result : ParticleFilterResult
+    tokens_generated : int
+        Fresh tokens over all sweeps and chains (the replayed references excluded).
+    wall_time, compile_time : float
+    temperatures : np.ndarray
+        ``(M,)`` the chains' softmax temperatures, hottest first.
+    reference_log_rewards : np.ndarray
+        ``(K, M)`` :math:`\log r` of each chain's reference after each sweep.
+    swap_acceptance : np.ndarray
+        ``(K, M-1)`` Metropolis acceptance probability of each attempted swap of
+        adjacent chains (NaN where the pair was not tried that sweep).
+    tokens_per_sweep : np.ndarray
+        ``(K, M)``.
+    """
+
+    result: ParticleFilterResult
+    tokens_generated: int
+    wall_time: float
+    compile_time: float
+    temperatures: np.ndarray
+    reference_log_rewards: np.ndarray
+    swap_acceptance: np.ndarray
+    tokens_per_sweep: np.ndarray
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ParticleFilterResult._fields or name == "text":
+            return getattr(self.result, name)
+        raise AttributeError(name)
+
+
+def _gibbs_call(
+    key: PRNGKey,
+    lm: Any,
+    reward: str | Reward,
+    question: str,
+    num_particles: int,
+    num_iterations: int,
+    temperatures: tuple[float, ...],
+    options: dict[str, Any],
+) -> GibbsResult:
+    n = _check_n(num_particles)
+    if n < 2:
+        raise ValueError(
+            f"num_particles must be >= 2 for particle Gibbs (slot 0 holds the "
+            f"reference), got {n}"
+        )
+    if (
+        isinstance(num_iterations, bool)
+        or not isinstance(num_iterations, int | np.integer)
+        or num_iterations < 1
+    ):
+        raise ValueError(
+            f"num_iterations must be a positive int, got {num_iterations!r}"
+        )
+    rw = get_reward(reward, lm)
+    opts, select = _options(**options)
+    if callable(opts.resampling):
+        raise ValueError(
+            "particle Gibbs needs a resampling name with a conditional version "
+            "('multinomial', 'systematic' or 'stratified'), not a callable"
+        )
+    get_conditional_resampler(opts.resampling)
+    tok = lm.tokenizer
+    if tok is None:
+        raise ValueError("lm must have a tokenizer to take a text question")
+    ids = np.asarray(format_prompt(tok, question), np.int32)
+    prompt = _pad([ids], multiple=_BUCKET)[0]
+    prepared = jax.tree.map(lambda a: _pad_leaf([a]), rw.prepare(question))
+    prepared = jax.tree.map(lambda a: a[0], prepared)
+    args = (key, lm, rw.params, prompt, np.int32(len(ids)), prepared)
+    kind = ("gibbs", tuple(float(t) for t in temperatures), int(num_iterations))
+    t0 = time.perf_counter()
+    exe, comp = _executable(
+        rw, n, opts, lm, _tables(lm, opts.step_delimiter), kind, args
+    )
+    tr, stats = jax.block_until_ready(exe(*args))
+    wall = time.perf_counter() - t0
+    target = jax.tree.map(lambda a: a[-1], tr)  # the coldest chain
+    res = _to_result(target, tok, select, wall, comp)
+    stats = jax.tree.map(np.asarray, stats)
+    return GibbsResult(
+        result=res,
+        tokens_generated=int(stats.tokens.sum()),
+        wall_time=wall,
+        compile_time=comp,
+        temperatures=np.asarray(temperatures, np.float32),
+        reference_log_rewards=stats.reference_log_rewards,
+        swap_acceptance=stats.swap_acceptance,
+        tokens_per_sweep=stats.tokens,
+    )
+
+
+def particle_gibbs(
+    key: PRNGKey,
+    lm: Any,
+    reward: str | Reward,
+    question: str,
+    num_particles: int,
+    num_iterations: int = 4,
+    **options: Any,
+) -> GibbsResult:
+    r"""Particle Gibbs over reasoning steps (Puri et al. 2025, Algorithm 2).
+
+    Sweep 1 is :func:`particle_filter`. After each sweep a reference trajectory
+    :math:`x^\star` is drawn from the final weights,
+    :math:`\Pr(x^\star = x^j) = \mathrm{softmax}(\log w_T)_j`; the next sweep is a
+    conditional particle filter: slot 0 replays :math:`x^\star` step by step (its
+    tokens, KV cache and rewards), the other ``N - 1`` particles are fresh, and the
+    resampling is conditional (slot 0 keeps itself; the others may fork from it).
+    With ``weights="fk"`` this is the particle Gibbs kernel of Andrieu, Doucet &
+    Holenstein (2010), which leaves :math:`\pi(x) \propto p_{LM}(x)\,
+    r(x)^{1/\tau}` invariant; with the paper's weights it is the paper's heuristic.
+
+    Parameters
+    ----------
+    key, lm, reward, question, num_particles
+        As :func:`particle_filter` (``num_particles >= 2``).
+    num_iterations : int
+        Sweeps ``K`` (4). The budget is about ``K`` particle filters (the reference's
+        replayed tokens are not counted).
+    **options
+        As :func:`particle_filter`; ``resampling`` must have a conditional version
+        (``"multinomial"``, ``"systematic"``, ``"stratified"``).
+
+    Returns
+    -------
+    GibbsResult
+        The last sweep's particles (answer: the highest final reward, or ``select``).
+    """
+    tau = float(options.get("softmax_temperature", 1.0))
+    return _gibbs_call(
+        key, lm, reward, question, num_particles, num_iterations, (tau,), options
+    )
+
+
+def parallel_tempering(
+    key: PRNGKey,
+    lm: Any,
+    reward: str | Reward,
+    question: str,
+    num_particles: int,
+    num_iterations: int = 4,
+    *,
+    num_chains: int = 4,
+    max_temperature: float = 4.0,
+    temperatures: Sequence[float] | None = None,
+    **options: Any,
+) -> GibbsResult:
+    r"""Parallel tempering of particle Gibbs chains (Puri et al. 2025, Algorithm 3).
+
+    ``M`` particle Gibbs chains (:func:`particle_gibbs`) run side by side in one
+    vmapped program, chain :math:`k` with softmax temperature :math:`T_k`
+    (resampling probabilities :math:`\mathrm{softmax}(\ell / T_k)`, hottest first,
+    the last one the target :math:`T_M` = ``softmax_temperature``). After each sweep
+    adjacent chains propose to swap their references, accepted with probability
+    :math:`\min\{1, \exp[(\ell_{k+1} - \ell_k)(1/T_k - 1/T_{k+1})]\}` (Eq. 4), with
+    :math:`\ell` the final log-weight at :math:`T = 1` (:math:`\mathrm{logit}\, r`;
+    :math:`\log r` for ``weights="fk"``); even and odd pairs alternate between
+    sweeps.
+
+    Parameters
+    ----------
+    key, lm, reward, question, num_particles, num_iterations
+        As :func:`particle_gibbs`.
+    num_chains : int
+        ``M`` (4); ignored when ``temperatures`` is given.
+    max_temperature : float
+        :math:`T_1`; the default ladder is geometric from it down to
+        ``softmax_temperature``.
+    temperatures : sequence of float, optional
+        The ladder :math:`T_1 > \dots > T_M` itself.
+    **options
+        As :func:`particle_filter`.
+
+    Returns
+    -------
+    GibbsResult
+        The target chain's last sweep, with swap statistics. Budget: about
+        ``M · K`` particle filters.
+    """
+    tau = float(options.get("softmax_temperature", 1.0))
+    if temperatures is None:
+        if not isinstance(num_chains, int | np.integer) or num_chains < 1:
+            raise ValueError(f"num_chains must be a positive int, got {num_chains!r}")
+        if not max_temperature >= tau:
+            raise ValueError(
+                f"max_temperature must be >= softmax_temperature ({tau}), got "
+                f"{max_temperature}"
+            )
+        m = int(num_chains)
+        temps = tuple(
+            float(tau * (max_temperature / tau) ** ((m - 1 - k) / max(m - 1, 1)))
+            for k in range(m)
+        )
+        if m == 1:
+            temps = (tau,)
+    else:
+        temps = tuple(float(t) for t in temperatures)
+        if not temps or any(not t > 0 for t in temps):
+            raise ValueError(f"temperatures must be positive, got {temperatures!r}")
+        if any(a <= b for a, b in itertools.pairwise(temps)):
+            raise ValueError(
+                f"temperatures must be strictly decreasing (hottest first), got {temps}"
+            )
+    return _gibbs_call(
+        key, lm, reward, question, num_particles, num_iterations, temps, options
+    )
 
 
 def _pad_leaf(xs: Sequence[Any]) -> np.ndarray:
