@@ -36,6 +36,12 @@ def main() -> None:
     ap.add_argument("--particles", type=int, default=None)
     ap.add_argument("--rewards", default="self-certainty,arithmetic,judge")
     ap.add_argument("--repeats", type=int, default=2, help="alternating timed runs")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="keys over which speculation on/off is compared (forward passes/token)",
+    )
     a = ap.parse_args()
 
     from smcjax.llm import decoding, load
@@ -154,6 +160,29 @@ def main() -> None:
         f"- compile + first run: plain {c_plain:.1f}s; "
         f"PF compile {rows[0][1].compile_time:.1f}s"
     )
+
+    # speculation on/off: forward passes per token over a few keys (the trajectories
+    # differ, so compare totals over several runs)
+    rw0 = a.rewards.split(",")[0]
+    print()
+    print(f"Speculation on vs off ({rw0}, N = {n}, keys 10..{9 + a.seeds}):")
+    print()
+    print("| speculate | tokens | passes | passes × N / tokens | wall (s) | tok/s |")
+    print("|---|---|---|---|---|---|")
+    for spec in (True, False):
+        tok = it = 0
+        wall = 0.0
+        for sd in range(a.seeds):
+            r = particle_filter(
+                jax.random.key(10 + sd), lm, rw0, q, n, speculate=spec, **opts
+            )
+            wall += r.wall_time - r.compile_time
+            tok += r.tokens_generated
+            it += int(np.sum(r.decode_iters))
+        print(
+            f"| {spec} | {tok} | {it} | {it * n / tok:.2f} | {wall:.1f} | "
+            f"{tok / wall:.1f} |"
+        )
 
 
 if __name__ == "__main__":

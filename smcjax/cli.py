@@ -76,6 +76,10 @@ def _add_pf_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--softmax-temperature", type=float, default=1.0)
     p.add_argument("--select", default="argmax", choices=("argmax", "vote"))
+    p.add_argument(
+        "--iterations", type=int, default=4, help="particle Gibbs / tempering sweeps"
+    )
+    p.add_argument("--chains", type=int, default=4, help="parallel tempering chains")
 
 
 def _pf_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -153,11 +157,17 @@ def _print_trace(r: Any, out: Any = None) -> None:
 def _solve(a: argparse.Namespace) -> int:
     import jax
 
-    from smcjax.llm.its import particle_filter
-
     lm, reward = _load(a)
-    r = particle_filter(
-        jax.random.key(a.seed), lm, reward, a.question, a.particles, **_pf_kwargs(a)
+    r = _run_method(
+        a.method,
+        jax.random.key(a.seed),
+        lm,
+        reward,
+        a.question,
+        a.particles,
+        _pf_kwargs(a),
+        iterations=a.iterations,
+        chains=a.chains,
     )
     _print_solution(r)
     _print_trace(r)
@@ -167,8 +177,37 @@ def _solve(a: argparse.Namespace) -> int:
 # -------------------------------------------------------------------------- eval
 
 
-def _run_method(method: str, key, lm, reward, question: str, n: int, kw: dict) -> Any:
+METHODS = (
+    "pf",
+    "particle-gibbs",
+    "parallel-tempering",
+    "greedy",
+    "best-of-n",
+    "weighted-best-of-n",
+    "self-consistency",
+)
+
+
+def _run_method(
+    method: str,
+    key,
+    lm,
+    reward,
+    question: str,
+    n: int,
+    kw: dict,
+    *,
+    iterations: int = 4,
+    chains: int = 4,
+) -> Any:
     from smcjax.llm import its
+
+    if method == "particle-gibbs":
+        return its.particle_gibbs(key, lm, reward, question, n, iterations, **kw)
+    if method == "parallel-tempering":
+        return its.parallel_tempering(
+            key, lm, reward, question, n, iterations, num_chains=chains, **kw
+        )
 
     if method == "greedy":
         return its.greedy(
@@ -220,7 +259,17 @@ def _eval(a: argparse.Namespace) -> int:
     bar = tqdm(problems, desc=f"{a.method} N={a.particles}", file=sys.stderr)
     for i, prob in enumerate(bar):
         key = jax.random.fold_in(jax.random.key(a.seed), i)
-        r = _run_method(a.method, key, lm, reward, prob.question, a.particles, kw)
+        r = _run_method(
+            a.method,
+            key,
+            lm,
+            reward,
+            prob.question,
+            a.particles,
+            kw,
+            iterations=a.iterations,
+            chains=a.chains,
+        )
         ok = grade(r.answer, prob.answer)
         correct += ok
         tokens += r.tokens_generated
@@ -337,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("solve", help="particle-filter one question")
     s.add_argument("question")
+    s.add_argument("--method", default="pf", choices=METHODS[:3])
     _add_pf_options(s)
 
     e = sub.add_parser("eval", help="accuracy on a benchmark")
@@ -345,11 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--limit", type=int, default=50)
     e.add_argument("--offset", type=int, default=0)
-    e.add_argument(
-        "--method",
-        default="pf",
-        choices=("pf", "greedy", "best-of-n", "weighted-best-of-n", "self-consistency"),
-    )
+    e.add_argument("--method", default="pf", choices=METHODS)
     e.add_argument("--out", default=None, help="append a JSON line with the results")
     _add_pf_options(e)
 

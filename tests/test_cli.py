@@ -40,6 +40,15 @@ def test_solve_then_eval_smoke(tiny_dir, capsys, tmp_path):
     assert 0.0 <= rec["summary"]["ci95"][0] <= rec["summary"]["ci95"][1] <= 1.0
 
 
+def test_solve_with_particle_gibbs_and_tempering(tiny_dir, capsys):
+    for method in ("particle-gibbs", "parallel-tempering"):
+        argv = ["solve", "What is 7 times 8?", "--model", tiny_dir, *SMALL]
+        argv += ["--method", method, "--iterations", "2", "--chains", "2"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert "Selected particle" in out and "Answer:" in out
+
+
 def test_parser_defaults_and_errors():
     a = build_parser().parse_args(["solve", "q"])
     assert a.particles == 4 and a.reward == "self-certainty" and a.max_steps == 40
