@@ -364,7 +364,7 @@ def test_speculative_tokens_follow_the_lm_and_steps_end_at_the_delimiter(lm):
     tok = lm.tokenizer
     ids = np.asarray(format_prompt(tok, QUESTION), np.int32)
     plen = len(ids)
-    opts = PFOptions(**SPEC_OPTS)
+    opts = PFOptions(**SPEC_OPTS, speculate=True)
     tables = _tables(lm, "e")
     eos = jnp.asarray(lm.eos_ids, jnp.int32)
 
@@ -488,7 +488,7 @@ def test_conditional_sweep_replays_the_reference_in_slot_0(lm):
     n = 8
     ids = np.asarray(format_prompt(lm.tokenizer, QUESTION), np.int32)
     plen = len(ids)
-    opts = PFOptions(**SPEC_OPTS)
+    opts = PFOptions(**SPEC_OPTS, speculate=True)
     tables = _tables(lm, "e")
     eos = tuple(int(e) for e in lm.eos_ids)
 

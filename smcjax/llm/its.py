@@ -37,10 +37,12 @@ its reward bookkeeping (all with the particle axis first, so resampling is the e
 * Final answer: the particle with the highest final reward (``select="argmax"``), or a
   weighted vote of the extracted answers with the final weights (``select="vote"``).
 
-Idle rows: a step ends when its longest row ends; rows that finished earlier start
-their next step meanwhile (``speculate=True``) and, after resampling, the first copy of
-each particle keeps those tokens (:func:`_step_decode` explains why the law is
-unchanged).
+Idle rows: a step ends when its longest row ends. With ``speculate=True`` rows that
+finished earlier start their next step meanwhile and, after resampling, the first copy
+of each particle keeps those tokens (:func:`_step_decode` explains why the law is
+unchanged). It is off by default: the number of sequential forward passes per step is
+set by the longest fresh row, which speculation cannot shorten, and on the embedded
+model it saved no time (``benchmarks/results_llm_pf.md``).
 
 Particle Gibbs (:func:`particle_gibbs`) and parallel tempering
 (:func:`parallel_tempering`) run conditional sweeps of the same program: slot 0 replays
@@ -122,7 +124,7 @@ class PFOptions(NamedTuple):
     resampling: Any = "multinomial"  # a name or a resampler callable
     ess_threshold: float | None = None  # None: 1.0 for paper/entropic, 0.5 for fk
     early_phase: float = 0.5
-    speculate: bool = True
+    speculate: bool = False
     step_delimiter: str = "\n\n"
 
 
@@ -1303,8 +1305,8 @@ def particle_filter(
         the ESS falls below this fraction of N: 1.0 — every step — for paper, 0.5 for
         fk; for entropic, resampling is every step and this is the ESS ratio below
         which the weights are tempered, default 0.5), ``early_phase`` (0.5),
-        ``speculate`` (True: rows that ended their step start the next one while
-        the batch waits; see :func:`_step_decode`), ``step_delimiter``
+        ``speculate`` (False; True lets rows that ended their step start the next
+        one while the batch waits, see :func:`_step_decode`), ``step_delimiter``
         (``"\n\n"``), ``select`` (``"argmax"``, ``"vote"`` weighted by the final
         weights, or ``"majority"``).
 
