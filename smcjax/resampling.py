@@ -131,6 +131,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 import jax
+import jax.extend.random as jex_random
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -173,6 +174,82 @@ class ConditionalResampler(Protocol):
         pinned: ArrayLike = 0,
         num_samples: int | None = None,
     ) -> Array: ...
+
+
+# --------------------------------------------------------------------------------------
+# Random numbers: Threefry with the rounds unrolled on CPU (same bits, faster)
+# --------------------------------------------------------------------------------------
+
+_THREEFRY = jex_random.threefry_prng_impl
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k0: Array, k1: Array, x0: Array, x1: Array) -> tuple[Array, Array]:
+    r"""Threefry-2x32 with 20 rounds (Salmon et al., 2011), every round unrolled.
+
+    The key schedule is :math:`(k_0, k_1, k_0 \oplus k_1 \oplus \mathtt{0x1BD11BDA})`,
+    injected after every 4 rounds together with the injection counter; rotations
+    alternate between the two sets of 4 constants. JAX lowers its ``threefry2x32``
+    primitive on CPU with the 5 groups of rounds in a rolled loop, so every group is a
+    separate pass over memory; written out, XLA fuses the whole hash into the kernel
+    that consumes the bits (~1.7x faster normals on the CPU this was written on).
+    """
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def _unrolled_random_bits(key_data: Array, bit_width: int, shape) -> Array:
+    """JAX's (partitionable) Threefry random bits, computed by :func:`_threefry2x32`.
+
+    32-bit words of a shape with fewer than ``2**32`` entries are, as in JAX,
+    ``b0 ^ b1`` of the hash of the counter pair ``(0, flat index)``; anything else is
+    delegated to JAX's implementation. Bit-for-bit equal to ``jax.random.bits`` with
+    a Threefry key (tested).
+    """
+    size = int(np.prod(shape))
+    if (
+        bit_width != 32
+        or size >= 2**32
+        or key_data.shape != (2,)
+        or not jax.config.jax_threefry_partitionable
+    ):
+        return _THREEFRY.random_bits(key_data, bit_width, shape)
+    lo = lax.iota(np.uint32, size).reshape(shape)
+    b0, b1 = _threefry2x32(key_data[0], key_data[1], jnp.zeros_like(lo), lo)
+    return b0 ^ b1
+
+
+_UNROLLED_THREEFRY = jex_random.define_prng_impl(
+    key_shape=(2,),
+    seed=_THREEFRY.seed,
+    split=_THREEFRY.split,
+    random_bits=_unrolled_random_bits,
+    fold_in=_THREEFRY.fold_in,
+    name="smcjax_threefry2x32_unrolled",
+    tag="fry_u",
+)
+
+
+def _fast_key(key: PRNGKey) -> PRNGKey:
+    """The same Threefry key, drawing its bits with the unrolled hash.
+
+    Draws from the returned key are bit-for-bit those of ``key``. Keys of any other
+    implementation (e.g. ``"rbg"``) and batches of keys are returned unchanged.
+    """
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != (2,) or key.dtype != jnp.uint32:
+            return key
+        key = jax.random.wrap_key_data(key)  # legacy uint32 key: default impl
+    if key.shape != () or str(jax.random.key_impl(key)) != "threefry2x32":
+        return key
+    return jax.random.wrap_key_data(jax.random.key_data(key), impl=_UNROLLED_THREEFRY)
 
 
 # --------------------------------------------------------------------------------------
@@ -432,7 +509,7 @@ def _sorted_uniforms(key: PRNGKey, count: ArrayLike, total: int, dtype) -> Array
     statistics of :math:`R` i.i.d. :math:`U[0,1)`. ``count`` may be traced
     (``0 <= count <= total``).
     """
-    e = jax.random.exponential(key, (total + 1,), dtype)
+    e = jax.random.exponential(_fast_key(key), (total + 1,), dtype)
     s = _cumsum(e)
     j = jnp.arange(total)
     return jnp.where(j < count, s[:total] / s[count], 2.0).astype(dtype)
@@ -548,7 +625,7 @@ def stratified(
 
 def _stratified_from_weights(key: PRNGKey, w: Array, m: int) -> Array:
     cdf, total = _blocked_cumsum(w, True)
-    u = jax.random.uniform(key, (m,), w.dtype)
+    u = jax.random.uniform(_fast_key(key), (m,), w.dtype)
     return _merge(_ranks(cdf, total, _stratified_rank_fn(total, u, m), m), m)
 
 

@@ -55,7 +55,7 @@ import numpyro.distributions as dist
 from numpyro.distributions.batch_util import promote_batch_shape
 
 from smcjax.core import FeynmanKac, SMCResult, smc, weighted_mean
-from smcjax.resampling import Resampler, get_resampler, log_normalize
+from smcjax.resampling import Resampler, _fast_key, get_resampler, log_normalize
 from smcjax.types import Array, ArrayLike, PRNGKey
 
 __all__ = [
@@ -141,7 +141,7 @@ def sample_batched(
     except (TypeError, ValueError, NotImplementedError, AttributeError):
         fast = False
     if fast:
-        return d.sample(key)
+        return d.sample(_fast_key(key))  # same draws, unrolled Threefry on CPU
     keys = jax.random.split(key, n)
     return jax.vmap(lambda k, *a: make_dist(*a).sample(k), in_axes=(0, *in_axes))(
         keys, *args
@@ -276,7 +276,7 @@ def _feynman_kac(
     def init(key, n):
         t0 = jnp.zeros((), jnp.int32)
         d0 = model.initial() if proposal is None else proposal(t0, None, obs(t0))
-        return d0.sample(key, (n,))
+        return d0.sample(_fast_key(key), (n,))
 
     def propagate(key, t, x_prev):
         if proposal is None:

@@ -492,3 +492,26 @@ def test_property_valid_indices(rows, seed, pinned):
         assert (a[:, pinned] == pinned).all() and ((a >= 0) & (a < N)).all()
         others = np.delete(np.take_along_axis(support, a, axis=1), pinned, axis=1)
         assert others.all(), name
+
+
+# --------------------------------------------------------------------------------------
+# Unrolled Threefry (internal): the same bits as JAX's, for every draw we use it for
+# --------------------------------------------------------------------------------------
+
+
+def test_unrolled_threefry_key_draws_bit_identical():
+    draws = (jax.random.normal, jax.random.uniform, jax.random.exponential)
+    for key in (jax.random.key(3), jax.random.PRNGKey(4)):
+        for shape in [(), (5,), (4, 7), (20011,)]:
+            for draw in draws:
+                ref = np.asarray(draw(key, shape))
+                got = np.asarray(jax.jit(lambda k: draw(rs._fast_key(k), shape))(key))
+                np.testing.assert_array_equal(got.view(np.uint32), ref.view(np.uint32))
+    # under vmap over keys too
+    keys = jax.random.split(jax.random.key(5), 4)
+    ref = jax.vmap(lambda k: jax.random.normal(k, (9,)))(keys)
+    got = jax.vmap(lambda k: jax.random.normal(rs._fast_key(k), (9,)))(keys)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    # other implementations and batches of keys pass through unchanged
+    rbg = jax.random.key(0, impl="rbg")
+    assert rs._fast_key(rbg) is rbg and rs._fast_key(keys) is keys
