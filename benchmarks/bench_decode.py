@@ -1,9 +1,11 @@
 """Decode throughput: smcjax (JAX, KV cache, while_loop) vs HF transformers generate.
 
 Both run the SAME weights in float32 on CPU: the embedded Qwen2.5-Coder-0.5B-Instruct
-(GGUF, via :func:`smcjax.llm.gguf.read_gguf`) or, with ``--model random`` (or when the
-embedded model is not installed), a random model with its exact configuration. Greedy
-decoding of ``--new-tokens`` tokens (no EOS stop) for 1 / 8 / 16 sequences of a
+(smcjax loads it with ``smcjax.llm.load("qwen2.5-coder-0.5b-instruct")``, transformers
+gets the same dequantised GGUF tensors from :func:`smcjax.llm.gguf.read_gguf`) or, with
+``--model random`` (or when the embedded model is not installed), a random model with
+its exact configuration. Greedy decoding (or sampling at ``--temperature``) of
+``--new-tokens`` tokens (no EOS stop) for 1 / 8 / 16 sequences of a
 ``--prompt-len``-token prompt.
 
 Reported per batch size: decode tokens/s (new tokens / decode wall time, prefill
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import smcjax.llm as llm
 from smcjax.llm import decoding
 from smcjax.llm.language_model import LanguageModel
 from smcjax.llm.loading import params_from_state_dict
@@ -99,7 +102,7 @@ def get_weights(which: str) -> tuple[dict, dict, str]:
     return dict(QWEN25_05B), random_state_dict(QWEN25_05B), "random Qwen2.5-0.5B config"
 
 
-def bench_smcjax(lm, batches, prompt_len, new_tokens, rng):
+def bench_smcjax(lm, batches, prompt_len, new_tokens, rng, temperature=0.0):
     @jax.jit
     def prefill(model, tokens):
         return decoding.prefill(model, tokens, None, prompt_len + new_tokens)
@@ -107,7 +110,12 @@ def bench_smcjax(lm, batches, prompt_len, new_tokens, rng):
     @jax.jit
     def run(model, key, state):
         return decoding.decode(
-            model, key, state, max_new_tokens=new_tokens, temperature=0.0, eos_ids=()
+            model,
+            key,
+            state,
+            max_new_tokens=new_tokens,
+            temperature=temperature,
+            eos_ids=(),
         )
 
     rows = {}
@@ -137,7 +145,7 @@ def bench_smcjax(lm, batches, prompt_len, new_tokens, rng):
     return rows
 
 
-def bench_hf(hf_config, tensors, batches, prompt_len, new_tokens, rng):
+def bench_hf(hf_config, tensors, batches, prompt_len, new_tokens, rng, temperature=0.0):
     import torch
     import transformers
 
@@ -163,9 +171,11 @@ def bench_hf(hf_config, tensors, batches, prompt_len, new_tokens, rng):
         kw = dict(
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
-            do_sample=False,
+            do_sample=temperature > 0,
             pad_token_id=0,
         )
+        if temperature > 0:  # plain temperature sampling, as smcjax does
+            kw.update(temperature=temperature, top_k=0, top_p=1.0)
         with torch.no_grad():
             model.generate(
                 ids[:, :8], max_new_tokens=2, do_sample=False, pad_token_id=0
@@ -189,25 +199,44 @@ def main() -> None:
         "--scan-layers", action="store_true", help="stacked layers + lax.scan"
     )
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default)"
+    )
     args = ap.parse_args()
     batches = args.batches or ([1, 4] if args.quick else [1, 8, 16])
     new_tokens = args.new_tokens or (32 if args.quick else 128)
 
-    hf_config, tensors, desc = get_weights(args.model)
     t0 = time.perf_counter()
-    graphdef, params, cfg = params_from_state_dict(
-        hf_config, tensors, dtype=jnp.float32, scan_layers=args.scan_layers
-    )
-    lm = LanguageModel(graphdef, params, cfg)
+    lm = None
+    if args.model == "embedded":
+        try:
+            lm = llm.load("qwen2.5-coder-0.5b-instruct", scan_layers=args.scan_layers)
+            desc = "embedded Qwen2.5-Coder-0.5B (GGUF)"
+        except Exception as e:
+            print(f"(embedded model unavailable: {type(e).__name__}: {e})")
+    if lm is None:
+        hf_config, tensors, desc = get_weights("random")
+        graphdef, params, cfg = params_from_state_dict(
+            hf_config, tensors, dtype=jnp.float32, scan_layers=args.scan_layers
+        )
+        lm = LanguageModel(graphdef, params, cfg)
+        del params
     print(f"{desc}: loaded in {time.perf_counter() - t0:.1f}s; {lm}")
     ours = bench_smcjax(
-        lm, batches, args.prompt_len, new_tokens, np.random.default_rng(0)
+        lm,
+        batches,
+        args.prompt_len,
+        new_tokens,
+        np.random.default_rng(0),
+        args.temperature,
     )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    del lm, params  # free the JAX weights before building the torch model
+    del lm  # free the JAX weights before building the torch model
     jax.clear_caches()
     theirs = {}
     if not args.no_hf:
+        if desc.startswith("embedded"):
+            hf_config, tensors, _ = get_weights("embedded")
         theirs = bench_hf(
             hf_config,
             tensors,
@@ -215,14 +244,18 @@ def main() -> None:
             args.prompt_len,
             new_tokens,
             np.random.default_rng(0),
+            args.temperature,
         )
 
-    load = os.getloadavg()[0]
+    load = os.getloadavg()
     layout = "scan" if args.scan_layers else "unrolled"
+    greedy = args.temperature <= 0
+    mode = "greedy" if greedy else f"temperature {args.temperature:g}"
     print(
         f"\n### Decode, {desc}, float32 CPU, layers {layout}, "
         f"prompt {args.prompt_len}, "
-        f"{new_tokens} new tokens (greedy); load average {load:.1f}\n"
+        f"{new_tokens} new tokens ({mode}); load average "
+        f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f}\n"
     )
     print(
         "| seqs | smcjax tok/s | HF generate tok/s | ratio | greedy tokens equal "
@@ -233,7 +266,7 @@ def main() -> None:
         o = ours[b]
         h = theirs.get(b)
         ratio = f"{o['decode'] / h['decode']:.2f}x" if h else "-"
-        same = f"{np.mean(o['tokens'] == h['tokens']):.0%}" if h else "-"
+        same = f"{np.mean(o['tokens'] == h['tokens']):.0%}" if h and greedy else "-"
         hf_rate = f"{h['decode']:.1f}" if h else "-"
         print(
             f"| {b} | {o['decode']:.1f} | {hf_rate} | {ratio} | {same} "

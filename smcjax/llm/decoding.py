@@ -326,20 +326,20 @@ def sample_tokens(
     log_z = jnp.log(jnp.sum(jnp.exp(centred), axis=-1))
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def chosen(x: Array, tok: Array) -> Array:
-        return jnp.take_along_axis(x, tok[:, None], -1)[:, 0]
+    def chosen(tok: Array) -> Array:  # centred logit of the chosen token
+        return jnp.take_along_axis(logits, tok[:, None], -1)[:, 0] - m[:, 0]
 
     static_t = isinstance(temperature, int | float) and not isinstance(
         temperature, bool
     )
     if static_t and temperature <= 0:  # greedy, known at trace time
-        return greedy_tok, chosen(centred, greedy_tok) - log_z, jnp.zeros_like(log_z)
+        return greedy_tok, chosen(greedy_tok) - log_z, jnp.zeros_like(log_z)
 
     unit = static_t and temperature == 1.0
     temperature = jnp.asarray(temperature, jnp.float32)
     greedy = temperature <= 0
-    # Scaled logits, maximum entry 0.
-    scaled = centred if unit else centred / jnp.where(greedy, 1.0, temperature)
+    tau = jnp.where(greedy, 1.0, temperature)
+    scaled = centred if unit else centred / tau  # maximum entry 0
     if top_p < 1.0:
         srt = jnp.sort(scaled, axis=-1)[:, ::-1]
         prob = jax.nn.softmax(srt, axis=-1)
@@ -350,8 +350,9 @@ def sample_tokens(
     w = jnp.exp(scaled)
     log_zq = jnp.log(jnp.sum(w, axis=-1))
     tokens = jnp.where(greedy, greedy_tok, _inverse_cdf(key, w))
-    lp = chosen(centred, tokens) - log_z
-    lq = jnp.where(greedy, 0.0, chosen(scaled, tokens) - log_zq)
+    x = chosen(tokens)
+    lp = x - log_z
+    lq = jnp.where(greedy, 0.0, (x if unit else x / tau) - log_zq)
     return tokens, lp, lq
 
 
