@@ -32,6 +32,13 @@ draw the noise of all ``N`` particles in one batched call (half a hash per parti
 for a scalar normal): on CPU this is the difference between ~50 and ~120 million
 particle-steps per second for a 1-D linear-Gaussian bootstrap filter. The filters of
 :mod:`smcjax.ssm` are built this way from one-particle NumPyro distributions.
+
+Inside :func:`smc` the weights are exponentiated once per step: after reweighting,
+:math:`w^n = \exp(\log W^n - \max_m \log W^m)`, its total and the ESS are cached
+next to the state in the scan, and the ESS test, the built-in resamplers (through
+internal entry points that take these weights instead of log-weights; the ancestors
+are exactly those of the public resampler on ``log_weights``) and the filtering means
+all use them.
 """
 
 from __future__ import annotations
@@ -506,19 +513,31 @@ def smc(
     state, info0, cache = _init(k0, bm, n)
     rec0 = record(state, info0, cache)
 
+    # The records of every step are written in place into (T, ...) buffers carried
+    # by the scan (row 0 from the initial step), rather than stacked by the scan and
+    # concatenated with row 0 afterwards: that would copy the (T, N) ancestors (and
+    # any history) once more.
+    recs = jax.tree.map(
+        lambda a: (
+            jnp.zeros((num_steps, *jnp.shape(a)), jnp.result_type(a)).at[0].set(a)
+        ),
+        rec0,
+    )
+
     def body(carry, k):
-        state, info, cache = _step(k, *carry, bm, resampler, ess_threshold)
-        return (state, cache), record(state, info, cache)
+        state, cache, recs = carry
+        state, info, cache = _step(k, state, cache, bm, resampler, ess_threshold)
+        recs = jax.tree.map(
+            lambda buf, r: jax.lax.dynamic_update_index_in_dim(buf, r, state.t, 0),
+            recs,
+            record(state, info, cache),
+        )
+        return (state, cache, recs), None
 
     if num_steps > 1:
-        (state, cache), recs = jax.lax.scan(
-            body, (state, cache), jax.random.split(k_loop, num_steps - 1)
+        (state, cache, recs), _ = jax.lax.scan(
+            body, (state, cache, recs), jax.random.split(k_loop, num_steps - 1)
         )
-        recs = jax.tree.map(
-            lambda a, b: jnp.concatenate([a[None], b], axis=0), rec0, recs
-        )
-    else:
-        recs = jax.tree.map(lambda a: a[None], rec0)
 
     particles, log_w = state.particles, state.log_weights
     final_ancestors = None

@@ -73,7 +73,8 @@ written on) and ``jnp.searchsorted`` (a vectorised binary search: ~60 ms for
 ``benchmarks/bench_resampling.py`` compares this with the ``searchsorted`` design, with
 ``particles`` and with BlackJAX in one process (results in
 ``benchmarks/results_resampling.md``). Multinomial and stratified resampling are bound
-by the random number generator (threefry draws ~150 M uniforms/s on this CPU).
+by the random number generator; their uniforms/exponentials are drawn with an unrolled
+Threefry (:func:`_fast_key`), bit-identical to ``jax.random`` but ~1.7x faster on CPU.
 
 Precision. The prefix sums are made *consistent* across the blocks of the tree: each
 block's prefixes are clamped to the block's end value at the coarser level, and from
