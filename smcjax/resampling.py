@@ -390,6 +390,8 @@ def _blocked_cumsum(x: Array, consistent: bool) -> tuple[Array, Array]:
     within-row prefix plus :math:`L_r`, the inclusive prefix of the previous row at the
     coarser level.
 
+    Without ``consistent`` the input must be integer-valued with a total below
+    ``2**24`` (float32), so that every partial sum is exact (:func:`_int_cumsum`).
     With ``consistent`` every level is also *clamped and closed*: the prefixes of row
     ``r`` are clipped to :math:`[L_r, H_r]` (:math:`H_r` its own inclusive prefix at the
     coarser level), and from the row's last entry that moves the prefix on they are
@@ -425,7 +427,13 @@ def _blocked_cumsum(x: Array, consistent: bool) -> tuple[Array, Array]:
     for i, within in enumerate(reversed(levels)):
         rows = within.shape[0]
         hi = c[:rows, None]
-        lo = jnp.concatenate([jnp.zeros((1, 1), c.dtype), hi[:-1]])
+        if consistent:
+            lo = jnp.concatenate([jnp.zeros((1, 1), c.dtype), hi[:-1]])
+        else:
+            # Exact for the integer-valued sums of _int_cumsum, and without a
+            # concatenate, which slows down (unvectorises) any XLA fusion it joins,
+            # e.g. the gather of the particles by the ancestors.
+            lo = hi - within[:, -1:]
         c2 = within + lo
         if consistent:
             # (within >= 0, so c2 >= lo already: only the upper clamp is needed)
