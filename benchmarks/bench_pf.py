@@ -7,8 +7,10 @@ once; systematic resampling at EVERY step (smcjax ``ess_threshold=1.0``, particl
 
 Rows:
   * ``smcjax.particle_filter`` (the public API; NumPyro distributions; noise drawn
-    in one batched call per step) with the default Threefry key;
+    in one batched call per step) with the default Threefry key, jitted for its
+    ``log_evidence`` (the headline ratio);
   * the same with ``jax.random.key(seed, impl="rbg")``;
+  * the same jitted for the whole ``SMCResult`` ((T, N) ancestors, ESS, means);
   * ``smcjax.smc`` on a one-particle FeynmanKac model written with raw ``jax.random``
     (one key per particle, split+vmap: the generic engine path);
   * ``particles.SMC`` with ``Bootstrap(LinearGauss)``;
@@ -145,6 +147,9 @@ def main() -> None:
                 key, MODEL, ys, n, ess_threshold=1.0
             ).log_evidence
 
+        def pf_full(key, n=n):
+            return smcjax.particle_filter(key, MODEL, ys, n, ess_threshold=1.0)
+
         def generic(key, n=n):
             return smcjax.smc(key, fk, n, T, ess_threshold=1.0).log_evidence
 
@@ -166,6 +171,7 @@ def main() -> None:
         variants = [
             ("smcjax.particle_filter (threefry)", pf, jax.random.key(0)),
             ("smcjax.particle_filter (rbg key)", pf, jax.random.key(0, impl="rbg")),
+            ("smcjax.particle_filter, whole SMCResult", pf_full, jax.random.key(0)),
             (
                 "smcjax.smc one-particle FK (per-particle keys)",
                 generic,

@@ -533,8 +533,8 @@ def _sorted_rank_fn(total: Array, points: Array) -> RankFn:
     """
     g = points.shape[0]
     cell_p = jnp.clip(jnp.floor(points * g), 0, g).astype(jnp.int32)
-    # (the consistent prefix sums make the points sorted, but the ``2.0`` padding
-    # cells are not guaranteed to come last after rounding: not flagged as sorted)
+    # (the points are sorted — consistent prefix sums, padding last — but the
+    # histogram does not rely on it: not flagged as sorted)
     hist = jax.ops.segment_sum(jnp.ones((g,), jnp.int32), cell_p, g + 1)
     ends = _int_cumsum(hist, g)
     starts = ends - hist
