@@ -54,7 +54,9 @@ Performance notes
 * Choose ``max_len`` as a multiple of 256 (and >= 512) for long buffers: decode then
   attends only to the cache blocks that hold tokens (see ``model._blocked_attention``)
   instead of all ``max_len`` slots.
-* ``top_p=1`` (static) skips the sort over the vocabulary.
+* ``top_p=1`` (static) skips the sort over the vocabulary; a draw costs one uniform
+  per row and a scan of block sums (:func:`_inverse_cdf`), and a Python
+  ``temperature <= 0`` compiles the greedy path only.
 """
 
 from __future__ import annotations

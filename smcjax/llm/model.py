@@ -16,7 +16,12 @@ with grouped-query attention (``H`` query heads share ``K`` key/value heads) and
 RMSNorm followed by the LM head (tied to the embedding or not).
 
 Layers are created stacked (every parameter has a leading ``num_layers`` axis) and run
-with :func:`jax.lax.scan`, so compile time does not grow with depth.
+with :func:`jax.lax.scan`, so compile time does not grow with depth (or, with
+``ModelConfig.scan_layers=False``, the CPU default, as separate per-layer modules in an
+unrolled loop). The projections are stored fused for fewer, larger dots: ``qkv_proj``
+holds ``[W_q | W_k | W_v]`` and ``gate_up_proj`` holds ``[W_gate | W_up]`` as column
+blocks (assembled once by the loader from the checkpoint's separate matrices), and an
+untied LM head is a ``(D, V)`` kernel.
 
 Functional use
 --------------
