@@ -56,6 +56,7 @@ decoding ``lax.while_loop`` over tokens. :func:`particle_filter` runs one questi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 from collections.abc import Sequence
@@ -862,43 +863,20 @@ def _executable(
         return hit[0], 0.0
     eos_ids = tuple(int(i) for i in lm.eos_ids)
 
-    def run(k, lm_, params, prompt, plen, prepared):
-        return _run(
-            k,
-            lm_,
-            params,
-            prompt,
-            plen,
-            prepared,
-            reward=reward,
-            num_particles=n,
-            opts=opts,
-            tables=tables,
-            eos_ids=eos_ids,
-        )
-
+    common = dict(
+        reward=reward, num_particles=n, opts=opts, tables=tables, eos_ids=eos_ids
+    )
     if isinstance(batched, tuple):  # ("gibbs", temperatures, iterations)
         _, taus, iters = batched
+        fn = functools.partial(
+            _gibbs, temperatures=taus, num_iterations=iters, **common
+        )
+    else:
+        fn = functools.partial(_run, **common)
 
-        def run(k, lm_, params, prompt, plen, prepared):
-            return _gibbs(
-                k,
-                lm_,
-                params,
-                prompt,
-                plen,
-                prepared,
-                reward=reward,
-                num_particles=n,
-                opts=opts,
-                tables=tables,
-                eos_ids=eos_ids,
-                temperatures=taus,
-                num_iterations=iters,
-            )
-
-    elif batched:
-        run = jax.vmap(run, in_axes=(0, None, None, 0, 0, 0))
+    run = fn
+    if batched is True:  # many questions, one program
+        run = jax.vmap(fn, in_axes=(0, None, None, 0, 0, 0))
     t0 = time.perf_counter()
     exe = jax.jit(run).lower(*args).compile()
     _COMPILED[key] = (exe, reward, tables)  # keep the ids in the key alive
@@ -1275,6 +1253,17 @@ def _pad(rows: Sequence[np.ndarray], fill: int = 0, multiple: int = 1) -> np.nda
     return out
 
 
+def _question_args(key: PRNGKey, lm: Any, rw: Reward, question: str) -> tuple:
+    """Arguments of one question's compiled run: prompt padded to a bucket, etc."""
+    if lm.tokenizer is None:
+        raise ValueError("lm must have a tokenizer to take a text question")
+    ids = np.asarray(format_prompt(lm.tokenizer, question), np.int32)
+    prompt = _pad([ids], multiple=_BUCKET)[0]
+    prepared = jax.tree.map(lambda a: _pad_leaf([a]), rw.prepare(question))
+    prepared = jax.tree.map(lambda a: a[0], prepared)
+    return (key, lm, rw.params, prompt, np.int32(len(ids)), prepared)
+
+
 def particle_filter(
     key: PRNGKey,
     lm: Any,
@@ -1318,13 +1307,7 @@ def particle_filter(
     rw = get_reward(reward, lm)
     opts, select = _options(**options)
     tok = lm.tokenizer
-    if tok is None:
-        raise ValueError("lm must have a tokenizer to take a text question")
-    ids = np.asarray(format_prompt(tok, question), np.int32)
-    prompt = _pad([ids], multiple=_BUCKET)[0]
-    prepared = jax.tree.map(lambda a: _pad_leaf([a]), rw.prepare(question))
-    prepared = jax.tree.map(lambda a: a[0], prepared)
-    args = (key, lm, rw.params, prompt, np.int32(len(ids)), prepared)
+    args = _question_args(key, lm, rw, question)
     t0 = time.perf_counter()
     exe, comp = _executable(
         rw, n, opts, lm, _tables(lm, opts.step_delimiter), False, args
@@ -1462,13 +1445,7 @@ def _gibbs_call(
         )
     get_conditional_resampler(opts.resampling)
     tok = lm.tokenizer
-    if tok is None:
-        raise ValueError("lm must have a tokenizer to take a text question")
-    ids = np.asarray(format_prompt(tok, question), np.int32)
-    prompt = _pad([ids], multiple=_BUCKET)[0]
-    prepared = jax.tree.map(lambda a: _pad_leaf([a]), rw.prepare(question))
-    prepared = jax.tree.map(lambda a: a[0], prepared)
-    args = (key, lm, rw.params, prompt, np.int32(len(ids)), prepared)
+    args = _question_args(key, lm, rw, question)
     kind = ("gibbs", tuple(float(t) for t in temperatures), int(num_iterations))
     t0 = time.perf_counter()
     exe, comp = _executable(
