@@ -114,6 +114,14 @@ def main() -> None:
     ap.add_argument(
         "--rows", type=int, default=16, help="LM rows per batch (questions x N)"
     )
+    ap.add_argument(
+        "--order",
+        choices=("chunk", "config"),
+        default="chunk",
+        help="chunk: every config on 16 questions before the next 16 (an interrupted "
+        "run compares configs on the same questions); config: each config on all "
+        "questions before the next config (the first configs reach --limit first)",
+    )
     a = ap.parse_args()
     from smcjax.llm import load
     from smcjax.llm.data import load_dataset
@@ -138,18 +146,23 @@ def main() -> None:
     opts = dict(
         max_steps=a.max_steps, step_cap=a.step_cap, max_new_tokens=a.max_new_tokens
     )
-    # chunk-major (every config on a chunk of questions before the next chunk), so
-    # that an interrupted run still compares configs on the same questions
-    for c in range(0, len(problems), a.rows):
-        for cfg in configs:
-            idx = [
-                i
-                for i in range(c, min(c + a.rows, len(problems)))
-                if (cfg, problems[i].id) not in done
-            ]
-            if idx:
-                probs = [problems[i] for i in idx]
-                run_batch(cfg, lm, idx, probs, opts, a.seed, out, a.rows)
+    # chunk-major (every config on a chunk of questions before the next chunk) keeps
+    # an interrupted run comparing configs on the same questions; config-major brings
+    # the first configs to --limit first
+    chunks = range(0, len(problems), a.rows)
+    if a.order == "chunk":
+        plan = [(c, cfg) for c in chunks for cfg in configs]
+    else:
+        plan = [(c, cfg) for cfg in configs for c in chunks]
+    for c, cfg in plan:
+        idx = [
+            i
+            for i in range(c, min(c + a.rows, len(problems)))
+            if (cfg, problems[i].id) not in done
+        ]
+        if idx:
+            probs = [problems[i] for i in idx]
+            run_batch(cfg, lm, idx, probs, opts, a.seed, out, a.rows)
     print()
     print(f"GSM8K test, first {a.limit} questions, caps {opts}, seed {a.seed}")
     print(table(out, configs))
