@@ -154,8 +154,35 @@ def _attention_block(num_slots: int) -> int | None:
     return None
 
 
+def _cache_block(cache: Array, layer: Array | None, start: Array, size: int) -> Array:
+    """Slots ``[start, start + size)`` of one layer's cache, ``(B, K, size, d)``.
+
+    ``cache`` is ``(B, K, S, d)`` (``layer`` None) or the stacked ``(B, L, K, S, d)``;
+    the block is sliced straight out of the stacked array, so a layer's whole buffer
+    is never copied (with ``S`` slots that copy alone cost as much as the attention
+    on a long buffer).
+    """
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=2)
+    b, _, kh, _, d = cache.shape
+    zero = jnp.zeros((), jnp.int32)
+    idx = (
+        zero,
+        jnp.asarray(layer, jnp.int32),
+        zero,
+        jnp.asarray(start, jnp.int32),
+        zero,
+    )
+    return jax.lax.dynamic_slice(cache, idx, (b, 1, kh, size, d))[:, 0]
+
+
 def _blocked_attention(
-    q: Array, keys: Array, values: Array, q_pos: Array, block: int
+    q: Array,
+    keys: Array,
+    values: Array,
+    q_pos: Array,
+    block: int,
+    layer: Array | None = None,
 ) -> Array:
     r"""Attention over only the cache blocks that hold valid keys (online softmax).
 
@@ -165,9 +192,12 @@ def _blocked_attention(
     are inactive and ignored) and accumulates, per query, the running maximum ``m``,
     normaliser :math:`\ell = \sum_j e^{s_j - m}` and numerator
     :math:`a = \sum_j e^{s_j - m} v_j`; the output is :math:`a / \ell`.
+
+    ``keys``/``values`` are one layer's ``(B, K, S, d)`` cache, or the stacked
+    ``(B, L, K, S, d)`` cache together with the (traced) ``layer`` index.
     """
     b, kh, nq, d = q.shape
-    s = keys.shape[2]
+    s = keys.shape[-2]
     scale = 1.0 / np.sqrt(d)
     valid = q_pos < s
     n_blocks = jnp.max(jnp.where(valid, q_pos, 0)) // block + 1
@@ -175,8 +205,8 @@ def _blocked_attention(
 
     def body(carry):
         i, m, den, acc = carry
-        kb = jax.lax.dynamic_slice_in_dim(keys, i * block, block, axis=2)
-        vb = jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=2)
+        kb = _cache_block(keys, layer, i * block, block)
+        vb = _cache_block(values, layer, i * block, block)
         sc = (
             jnp.einsum(
                 "bkqd,bksd->bkqs",
@@ -246,9 +276,7 @@ class Attention(nnx.Module):
         k = qkv[..., h * d : (h + kh) * d].reshape(b, t, kh, d)
         k = _rotate(k, cos, sin).transpose(0, 2, 1, 3)
         v = qkv[..., (h + kh) * d :].reshape(b, t, kh, d).transpose(0, 2, 1, 3)
-        if cache is None:
-            keys, values, key_pos = k, v, positions
-        else:
+        if cache is not None:
             ck, cv = cache
             rows = jnp.arange(b)[:, None, None]
             heads = jnp.arange(kh)[None, :, None]
@@ -258,25 +286,30 @@ class Attention(nnx.Module):
             if layer is None:
                 ck = ck.at[rows, heads, pos].set(k.astype(ck.dtype), mode="drop")
                 cv = cv.at[rows, heads, pos].set(v.astype(cv.dtype), mode="drop")
-                keys, values = ck, cv
             else:
                 ck = ck.at[rows, layer, heads, pos].set(k.astype(ck.dtype), mode="drop")
                 cv = cv.at[rows, layer, heads, pos].set(v.astype(cv.dtype), mode="drop")
-                keys = jax.lax.dynamic_index_in_dim(ck, layer, axis=1, keepdims=False)
-                values = jax.lax.dynamic_index_in_dim(cv, layer, axis=1, keepdims=False)
             cache = (ck, cv)
-            n = keys.shape[2] if kv_len is None else kv_len
-            keys, values = keys[:, :, :n], values[:, :, :n]
-            key_pos = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
         g = h // kh
         # (B, T, K, G, d) -> (B, K, T*G, d): batch dims (B, K) lead, no cache transpose.
         q = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, t * g, d)
         q_pos = jnp.repeat(positions, g, axis=1)  # (B, T*G), query order (t, g)
-        block = _attention_block(keys.shape[2]) if cache is not None else None
-        if block is None or kv_len is not None:
-            out = _attention(q, keys, values, q_pos, key_pos)
+        if cache is None:
+            out = _attention(q, k, v, q_pos, positions)
         else:
-            out = _blocked_attention(q, keys, values, q_pos, block)
+            ck, cv = cache
+            block = _attention_block(ck.shape[-2])
+            if block is None or kv_len is not None:
+                # Slots [0, n) only, sliced from the (stacked) buffer in one copy.
+                n = ck.shape[-2] if kv_len is None else kv_len
+                keys, values = (
+                    _cache_block(ck, layer, 0, n),
+                    _cache_block(cv, layer, 0, n),
+                )
+                key_pos = jnp.broadcast_to(jnp.arange(n, dtype=positions.dtype), (b, n))
+                out = _attention(q, keys, values, q_pos, key_pos)
+            else:
+                out = _blocked_attention(q, ck, cv, q_pos, block, layer)
         out = out.reshape(b, kh, t, g, d).transpose(0, 2, 1, 3, 4).reshape(b, t, h * d)
         return self.o_proj(out.astype(x.dtype)), cache
 
