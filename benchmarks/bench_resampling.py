@@ -4,10 +4,15 @@ Usage::
 
     python benchmarks/bench_resampling.py            # N = 1e3 ... 1e6, all schemes
     python benchmarks/bench_resampling.py --quick    # N = 1e3 ... 1e5, fewer repeats
+    python benchmarks/bench_resampling.py --schemes systematic --sizes 1e6
 
 All timings are in one process, on CPU, as the median of ``--repeats`` calls with a
 fresh key each time (JAX: jitted, ``block_until_ready``; the compile time of the first
-call is reported separately). Inputs are N(0, 1) log-weights in float32, M = N.
+call is reported separately), each series after ``--warmup`` seconds of untimed calls
+of the same function (default 0.5 s, for every library: on the VM this was written
+on, XLA's multi-threaded kernels ran up to ~2x slower for the first ~0.2 s of calls
+after a different workload, e.g. the previous library's series). Inputs are N(0, 1)
+log-weights in float32, M = N.
 
 * smcjax takes *unnormalised log-weights* (its time includes the exp/normalisation);
 * particles and BlackJAX take *normalised weights* (normalisation not timed), so the
@@ -42,14 +47,24 @@ def _searchsorted_systematic(key, log_weights, cumsum):
     return jnp.clip(jnp.searchsorted(c, u * c[-1]), 0, n - 1).astype(jnp.int32)
 
 
-def _time_jax(fn, arg, repeats: int, seed: int = 0) -> tuple[float, float]:
+def _warm(call, seconds: float) -> None:
+    """Call ``call()`` repeatedly for ``seconds`` (at least once)."""
+    end = time.perf_counter() + seconds
+    call()
+    while time.perf_counter() < end:
+        call()
+
+
+def _time_jax(
+    fn, arg, repeats: int, seed: int = 0, warmup: float = 0.0
+) -> tuple[float, float]:
     """(compile seconds, median run milliseconds) of jitted ``fn(key, arg)``."""
     jitted = jax.jit(fn)
     keys = jax.random.split(jax.random.key(seed), repeats + 1)
     t0 = time.perf_counter()
     compiled = jitted.lower(keys[0], arg).compile()
     compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(keys[0], arg))
+    _warm(lambda: jax.block_until_ready(compiled(keys[0], arg)), warmup)
     times = []
     for k in keys[1:]:
         t0 = time.perf_counter()
@@ -58,8 +73,8 @@ def _time_jax(fn, arg, repeats: int, seed: int = 0) -> tuple[float, float]:
     return compile_s, 1e3 * statistics.median(times)
 
 
-def _time_np(fn, repeats: int) -> float:
-    fn()  # numba warm-up
+def _time_np(fn, repeats: int, warmup: float = 0.0) -> float:
+    _warm(fn, warmup)  # (the first call also compiles numba's loop)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -77,13 +92,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="N up to 1e5")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
+        "--warmup",
+        type=float,
+        default=0.5,
+        help="seconds of untimed calls before each timed series (every library)",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=None,
+        help="comma-separated N (default 1e3,1e4,1e5[,1e6])",
+    )
+    parser.add_argument(
         "--schemes",
         default="systematic,stratified,multinomial,residual",
         help="comma-separated list",
     )
     args = parser.parse_args()
     sizes = [10**3, 10**4, 10**5] if args.quick else [10**3, 10**4, 10**5, 10**6]
+    if args.sizes:
+        sizes = [int(float(n)) for n in args.sizes.split(",")]
     repeats = args.repeats or (10 if args.quick else 30)
+    warm = args.warmup
 
     try:
         import particles.resampling as pr
@@ -110,15 +139,17 @@ def main() -> None:
             w_np = np.exp(lw_np.astype(np.float64) - lw_np.max())
             w_np /= w_np.sum()
             w_jax = jnp.asarray(w_np, jnp.float32)
-            comp, ms = _time_jax(lambda k, x, f=ours: f(k, x), lw, repeats)
+            comp, ms = _time_jax(lambda k, x, f=ours: f(k, x), lw, repeats, warmup=warm)
             row = {"scheme": scheme, "N": n, "smcjax": ms, "compile": comp}
             if pr is not None:
                 f_pr = getattr(pr, scheme)
-                row["particles"] = _time_np(lambda f=f_pr: f(w_np, n), repeats)
+                row["particles"] = _time_np(
+                    lambda f=f_pr: f(w_np, n), repeats, warmup=warm
+                )
             if br is not None:
                 f_br = getattr(br, scheme)
                 row["blackjax"] = _time_jax(
-                    lambda k, x, f=f_br, n=n: f(k, x, n), w_jax, repeats
+                    lambda k, x, f=f_br, n=n: f(k, x, n), w_jax, repeats, warmup=warm
                 )[1]
             if scheme == "systematic":
                 row["searchsorted"] = _time_jax(
