@@ -278,6 +278,29 @@ def test_resampled_kv_cache_continues_like_a_fresh_run_and_finished_stay(lm):
     assert saw_finished > 0
 
 
+def test_token_tables_first_built_inside_jit_are_concrete(lm):
+    """The stop/pattern tables cached on ``lm`` must never be tracers.
+
+    Regression: tables first built inside a user's ``jax.jit`` were cached as
+    tracers and broke every later program ("compiled for 27 inputs but called
+    with 20").
+    """
+    lm.__dict__.pop("_stop_tables", None)
+    lm.__dict__.pop("_pattern_tables", None)
+
+    @jax.jit
+    def f(x):
+        stop, boxed = _tables(lm)
+        return x + stop.transitions.sum() + boxed.transitions.sum()
+
+    f(jnp.int32(0))
+    for table in _tables(lm):
+        assert not isinstance(table.transitions, jax.core.Tracer)
+        assert not isinstance(table.lengths, jax.core.Tracer)
+    r = particle_filter(jax.random.key(1), lm, PARITY, QUESTION, 4, **OPTS)
+    assert r.tokens_generated > 0
+
+
 def test_beam_search_keeps_the_top_particles(lm):
     from smcjax.llm.its import beam_search
 

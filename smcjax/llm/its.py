@@ -844,8 +844,12 @@ def _executable(
 
     Returns ``(executable, seconds spent compiling now)``.
     """
+    # Every argument's tree structure and leaf shapes/dtypes are in the key: two models
+    # (or reward parameter trees) with equal configs may still differ in structure.
+    leaves, treedef = jax.tree.flatten(args)
     shapes = tuple(
-        (np.shape(a), str(np.result_type(a))) for a in jax.tree.leaves(args[3:])
+        (np.shape(a), str(a.dtype if hasattr(a, "dtype") else np.result_type(a)))
+        for a in leaves
     )
     key = (
         reward.name,
@@ -856,6 +860,7 @@ def _executable(
         tuple(lm.eos_ids),
         id(tables[0]),
         batched,
+        treedef,
         shapes,
     )
     hit = _COMPILED.get(key)
@@ -1239,7 +1244,10 @@ def pattern_table(lm: Any, pattern: str) -> decoding.StopTable:
                 table[0, q, v] = q + len(t)
             elif t.startswith(rest):
                 table[0, q, v] = m
-    out = decoding.StopTable(jnp.asarray(table), jnp.asarray([m], jnp.int32))
+    # Concrete arrays even when first asked for inside a jit trace: a tracer cached
+    # on ``lm`` would leak into every later program.
+    with jax.ensure_compile_time_eval():
+        out = decoding.StopTable(jnp.asarray(table), jnp.asarray([m], jnp.int32))
     cache[pattern] = out
     return out
 

@@ -163,9 +163,12 @@ class LanguageModel(Transformer):
         if stops not in cache:
             if self.tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
-            cache[stops] = decoding.stop_table(
-                self.tokenizer, stops, self.config.vocab_size
-            )
+            # Concrete arrays even when first asked for inside a jit trace: a tracer
+            # cached here would leak into every later program.
+            with jax.ensure_compile_time_eval():
+                cache[stops] = decoding.stop_table(
+                    self.tokenizer, stops, self.config.vocab_size
+                )
         return cache[stops]
 
     def generate(
