@@ -75,14 +75,32 @@ def run_batch(cfg: str, lm, idx, probs, opts, seed, out: Path, rows: int):
             )
 
 
+def _sign_test(b: int, c: int) -> float:
+    """Exact two-sided sign (McNemar) test p-value for ``b`` wins, ``c`` losses."""
+    from math import comb
+
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def table(out: Path, configs) -> str:
+    """Markdown accuracy table, with a paired comparison to greedy.
+
+    "vs greedy" counts, on the questions both were run on, the questions this method
+    solves and greedy does not (wins) and the reverse (losses), with the exact
+    two-sided sign-test p-value of that split.
+    """
     from smcjax.cli import wilson_interval
 
     recs = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
+    greedy = {r["id"]: r["correct"] for r in recs if r["config"] == "greedy"}
     lines = [
-        "| method | questions | correct | accuracy [95% CI] | tokens/question | "
-        "s/question |",
-        "|---|---|---|---|---|---|",
+        "| method | questions | correct | accuracy [95% CI] | vs greedy: wins/losses "
+        "(sign-test p) | tokens/question | s/question |",
+        "|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         rs = [r for r in recs if r["config"] == cfg]
@@ -92,8 +110,15 @@ def table(out: Path, configs) -> str:
         lo, hi = wilson_interval(k, m)
         tok = sum(r["tokens"] for r in rs) / m
         wall = sum(r["wall"] - r["compile"] for r in rs) / m
+        paired = "–"
+        if cfg != "greedy":
+            both = [r for r in rs if r["id"] in greedy]
+            b = sum(r["correct"] and not greedy[r["id"]] for r in both)
+            c = sum(greedy[r["id"]] and not r["correct"] for r in both)
+            if both:
+                paired = f"{b}/{c} (p = {_sign_test(b, c):.2f})"
         lines.append(
-            f"| {cfg} | {m} | {k} | {k / m:.2f} [{lo:.2f}, {hi:.2f}] | "
+            f"| {cfg} | {m} | {k} | {k / m:.2f} [{lo:.2f}, {hi:.2f}] | {paired} | "
             f"{tok:.0f} | {wall:.0f} |"
         )
     return "\n".join(lines)
@@ -111,6 +136,9 @@ def main() -> None:
     ap.add_argument("--step-cap", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=320)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--table-only", action="store_true", help="print the table of --out and exit"
+    )
     ap.add_argument(
         "--rows", type=int, default=16, help="LM rows per batch (questions x N)"
     )
@@ -130,6 +158,9 @@ def main() -> None:
         a.limit, a.configs = 3, "greedy,pf4:self-certainty"
     configs = a.configs.split(",")
     out = Path(a.out)
+    if a.table_only:
+        print(table(out, configs))
+        return
     done = set()
     if a.resume and out.exists():
         done = {
