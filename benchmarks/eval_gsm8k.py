@@ -92,15 +92,29 @@ def table(out: Path, configs) -> str:
     "vs greedy" counts, on the questions both were run on, the questions this method
     solves and greedy does not (wins) and the reverse (losses), with the exact
     two-sided sign-test p-value of that split.
+
+    Two columns separate generation from selection, from each record's final
+    particles' answers ``answers`` (after the last resampling, so repeated answers
+    carry their weight):
+
+    * "any particle correct": questions where at least one final particle's answer
+      grades correct, an upper bound for any rule that picks one particle;
+    * "majority of particles": accuracy of the most frequent final answer (ties go to
+      the answer seen first), the weighted-vote alternative to the paper's
+      best-final-reward choice.
     """
+    from collections import Counter
+
     from smcjax.cli import wilson_interval
+    from smcjax.llm.answers import grade
 
     recs = [json.loads(x) for x in out.read_text().splitlines() if x.strip()]
     greedy = {r["id"]: r["correct"] for r in recs if r["config"] == "greedy"}
     lines = [
         "| method | questions | correct | accuracy [95% CI] | vs greedy: wins/losses "
-        "(sign-test p) | tokens/question | s/question |",
-        "|---|---|---|---|---|---|---|",
+        "(sign-test p) | any particle correct | majority of particles "
+        "| tokens/question | s/question |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for cfg in configs:
         rs = [r for r in recs if r["config"] == cfg]
@@ -117,8 +131,15 @@ def table(out: Path, configs) -> str:
             c = sum(greedy[r["id"]] and not r["correct"] for r in both)
             if both:
                 paired = f"{b}/{c} (p = {_sign_test(b, c):.2f})"
+        anyc = vote = 0
+        for r in rs:
+            got = [a for a in r.get("answers") or [] if a is not None]
+            anyc += any(grade(a, r["gold"]) for a in got)
+            if got:
+                vote += bool(grade(Counter(got).most_common(1)[0][0], r["gold"]))
         lines.append(
             f"| {cfg} | {m} | {k} | {k / m:.2f} [{lo:.2f}, {hi:.2f}] | {paired} | "
+            f"{anyc} ({anyc / m:.2f}) | {vote} ({vote / m:.2f}) | "
             f"{tok:.0f} | {wall:.0f} |"
         )
     return "\n".join(lines)
