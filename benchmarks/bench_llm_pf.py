@@ -10,7 +10,9 @@ Measures, on the embedded Qwen2.5-Coder-0.5B-Instruct (``smcjax[demo]``):
 2. plain batched sampling of the SAME number of tokens per row (prefill shared, one
    ``decode`` call without stop strings), same N, temperature and buffer size;
 3. the same filter with each CPU reward (self-certainty, arithmetic, judge): seconds per
-   step — to choose the default CPU reward.
+   step — to choose the default CPU reward;
+4. ``--variants``: the filter with ``speculate=True`` and with ``compact=True`` against
+   the default on the same keys (forward passes, rows computed, tokens/s).
 
 SMC overhead = tokens/s(plain) / tokens/s(PF) - 1. It has two parts, reported
 separately: *synchronisation* (a step ends when its longest row ends, so shorter rows
@@ -40,7 +42,12 @@ def main() -> None:
         "--seeds",
         type=int,
         default=3,
-        help="keys over which speculation on/off is compared (forward passes/token)",
+        help="keys over which the --variants are compared with the default filter",
+    )
+    ap.add_argument(
+        "--variants",
+        default="speculate,compact",
+        help="PF options switched on one at a time against the default (comma list)",
     )
     a = ap.parse_args()
 
@@ -161,27 +168,48 @@ def main() -> None:
         f"PF compile {rows[0][1].compile_time:.1f}s"
     )
 
-    # speculation on/off: forward passes per token over a few keys (the trajectories
-    # differ, so compare totals over several runs)
+    # speculation / compaction on vs off: forward passes per token over a few keys
+    # (the trajectories differ, so compare totals over several runs; the variants
+    # alternate within each key so that a slow phase of the machine hits all of them)
     rw0 = a.rewards.split(",")[0]
+    variants = [v for v in a.variants.split(",") if v]
+    if not variants:
+        return
     print()
-    print(f"Speculation on vs off ({rw0}, N = {n}, keys 10..{9 + a.seeds}):")
+    print(
+        f"Variants vs the default filter ({rw0}, N = {n}, keys 10..{9 + a.seeds}; "
+        "wall excludes compilation, compile = first call's):"
+    )
     print()
-    print("| speculate | tokens | passes | passes × N / tokens | wall (s) | tok/s |")
-    print("|---|---|---|---|---|---|")
-    for spec in (True, False):
-        tok = it = 0
-        wall = 0.0
-        for sd in range(a.seeds):
-            r = particle_filter(
-                jax.random.key(10 + sd), lm, rw0, q, n, speculate=spec, **opts
-            )
-            wall += r.wall_time - r.compile_time
-            tok += r.tokens_generated
-            it += int(np.sum(r.decode_iters))
+    print(
+        "| variant | tokens | passes | passes × N / tokens | rows computed / tokens "
+        "| wall (s) | tok/s | compile (s) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    tot = {v: dict(tok=0, it=0, rows=0, wall=0.0, comp=0.0) for v in ["off", *variants]}
+    for sd in range(a.seeds):
+        for v in ["off", *variants]:
+            extra = {} if v == "off" else {v: True}
+            r = particle_filter(jax.random.key(10 + sd), lm, rw0, q, n, **extra, **opts)
+            t = tot[v]
+            t["wall"] += r.wall_time - r.compile_time
+            t["comp"] += r.compile_time
+            t["tok"] += r.tokens_generated
+            t["it"] += int(np.sum(r.decode_iters))
+            t["rows"] += int(np.sum(r.decode_rows))
+    for v, t in tot.items():
+        name = "default (neither)" if v == "off" else f"{v}=True"
         print(
-            f"| {spec} | {tok} | {it} | {it * n / tok:.2f} | {wall:.1f} | "
-            f"{tok / wall:.1f} |"
+            f"| {name} | {t['tok']} | {t['it']} | {t['it'] * n / t['tok']:.2f} | "
+            f"{t['rows'] / t['tok']:.2f} | {t['wall']:.1f} | "
+            f"{t['tok'] / t['wall']:.1f} | {t['comp']:.1f} |"
+        )
+    base_tps = tot["off"]["tok"] / tot["off"]["wall"]
+    for v in variants:
+        tps = tot[v]["tok"] / tot[v]["wall"]
+        print(
+            f"\n- {v}=True: {tps / base_tps:.2f}× the default filter's tokens/s; "
+            f"{tps / tps_plain:.2f}× plain batched sampling's ({tps_plain:.1f} tok/s)"
         )
 
 

@@ -383,11 +383,36 @@ def test_speculative_tokens_follow_the_lm_and_steps_end_at_the_delimiter(lm):
     the cap; a copy keeps its ancestor's scored steps, and the first copy keeps the
     speculative tokens too.
     """
+    kept, _ = _check_steps_exact(lm, PFOptions(**SPEC_OPTS, speculate=True))
+    assert kept > 0  # speculation happened and was continued
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+def test_compacted_batch_keeps_every_token_exact(lm, speculate):
+    """``compact=True``: the same exactness checks as above, on a shrinking batch.
+
+    The rows still generating are gathered into batches of 4, 2, 1 as the others end
+    their step (KV caches, logits, automaton states), and scattered back. Every
+    token's recorded log-probability must still equal a fresh forward pass over the
+    particle's own tokens, and every step must end at its first delimiter, EOS or the
+    cap. Without speculation the batch must actually have shrunk (fewer rows computed
+    than passes × N); with it, speculating rows count as generating, so it shrinks only
+    as rows go idle, and the speculative tokens must still be continued.
+    """
+    opts = PFOptions(**SPEC_OPTS, speculate=speculate, compact=True)
+    kept, shrunk = _check_steps_exact(lm, opts)
+    assert kept > 0 if speculate else shrunk > 0
+
+
+def _check_steps_exact(lm, opts: PFOptions) -> tuple[int, int]:
+    """Three filter steps, 3 seeds: token log-probabilities and step ends exact.
+
+    Returns (rows that kept speculative tokens, steps whose batch shrank).
+    """
     n = 8
     tok = lm.tokenizer
     ids = np.asarray(format_prompt(tok, QUESTION), np.int32)
     plen = len(ids)
-    opts = PFOptions(**SPEC_OPTS, speculate=True)
     tables = _tables(lm, "e")
     eos = jnp.asarray(lm.eos_ids, jnp.int32)
 
@@ -415,7 +440,7 @@ def test_speculative_tokens_follow_the_lm_and_steps_end_at_the_delimiter(lm):
     trans = np.asarray(tables[0].transitions[0])
     target = int(tables[0].lengths[0])
     eos_set = set(int(e) for e in lm.eos_ids)
-    kept = 0
+    kept = shrunk = 0
     for seed in range(3):
         x1, x2, a2, x3, a3 = run(jax.random.key(20 + seed), lm)
         for x in (x1, x2, x3):
@@ -460,16 +485,19 @@ def test_speculative_tokens_follow_the_lm_and_steps_end_at_the_delimiter(lm):
                         cur.decode.tokens[i, :la], prev.decode.tokens[a, :la]
                     )
                     kept += la > bnd
-    assert kept > 0  # speculation happened and was continued
+        for x in (x1, x2, x3):
+            shrunk += int(x.decode_rows[0]) < int(x.decode_iters[0]) * n
+    return kept, shrunk
 
 
-def test_speculation_leaves_the_step_law_unchanged(lm):
-    """Same law of the second step with and without speculation.
+@pytest.mark.parametrize("option", ["speculate", "compact"])
+def test_speculation_and_compaction_leave_the_step_law_unchanged(lm, option):
+    """Same law of the second step with and without speculation (or compaction).
 
     REPS questions × 8 particles; the statistic per question is the mean length of
     the final particles' second step (finished particles count 0): a two-sample z
-    test over questions, |z| < 4.5. (That speculative tokens are used at all is
-    checked by the test above.)
+    test over questions, |z| < 4.5. (That speculative tokens are used at all, and
+    that the batch shrinks, is checked by the tests above.)
     """
     opts = dict(SPEC_OPTS, max_steps=2)
     qs = [QUESTION] * REPS
@@ -481,7 +509,7 @@ def test_speculation_leaves_the_step_law_unchanged(lm):
             PARITY,
             qs,
             8,
-            speculate=spec,
+            **{option: spec},
             **opts,
         )
         per_q = []

@@ -127,6 +127,7 @@ class PFOptions(NamedTuple):
     early_phase: float = 0.5
     speculate: bool = False
     step_delimiter: str = "\n\n"
+    compact: bool = False
 
 
 class Speculation(NamedTuple):
@@ -206,6 +207,8 @@ class LLMParticles(NamedTuple):
         ``(N,)`` tokens generated at the last step.
     decode_iters : Array
         ``(N,)`` batched forward passes of the last step (same for every particle).
+    decode_rows : Array
+        ``(N,)`` rows computed over those passes (same for every particle).
     boundary : Array
         ``(N,)`` end of the last scored step (the committed length); with speculation
         ``decode.lengths`` may run past it.
@@ -228,6 +231,7 @@ class LLMParticles(NamedTuple):
     finished: Array
     new_tokens: Array
     decode_iters: Array
+    decode_rows: Array
     boundary: Array
     boundary_logits: Array
     spec: Speculation
@@ -298,7 +302,8 @@ def _step_decode(
     stop: decoding.StopTable,
     eos_ids: Array,
     speculate: bool,
-) -> tuple[decoding.DecodeState, Array, Array, Array, Array, Speculation, Array]:
+    compact: bool = False,
+) -> tuple[decoding.DecodeState, Array, Array, Array, Array, Speculation, Array, Array]:
     r"""Generate one reasoning step for every active particle, speculating when idle.
 
     A step ends at the delimiter (``stop``), an EOS id, ``step_cap`` tokens or the slot
@@ -318,6 +323,19 @@ def _step_decode(
     the remaining copies draw theirs afresh: given the resampled prefixes, the next
     steps are independent draws from the LM, as in the plain algorithm.
 
+    With ``compact`` the batch shrinks as rows finish: once at most :math:`\lceil
+    B/2 \rceil` rows still generate, they are gathered (tokens, KV cache, logits,
+    automaton states) into a batch of that size, which runs until at most a quarter
+    generate, and so on down to one row; each level is scattered back into its parent
+    batch when it ends. A forward pass over :math:`b < B` rows costs less than one
+    over :math:`B` (on this CPU 8 rows cost ~0.67× of 16), so the tail of a step,
+    where one or two long rows run alone, gets cheaper. Every row's tokens are drawn
+    from its own next-token distribution whatever batch it sits in, so the law of the
+    step is unchanged; the random draws (and so the texts for a given key) differ
+    from the uncompacted run. One LM body is compiled per level
+    (:math:`1 + \lceil\log_2 B\rceil` of them). With ``speculate`` the rows that
+    speculate count as generating, so the batch only shrinks as rows go idle.
+
     Returns
     -------
     ds : DecodeState
@@ -334,11 +352,13 @@ def _step_decode(
         The speculative tokens' state after this call.
     spec_tokens : Array
         ``(N,)`` speculative tokens generated in this call.
+    row_passes : Array
+        Rows computed, summed over the forward passes (``iters · N`` without
+        ``compact``): the decoding work.
     """
-    b, s = ds.tokens.shape
+    b = ds.tokens.shape[0]
     eos = jnp.asarray(eos_ids, jnp.int32).reshape(-1)
     n_stop = stop.transitions.shape[0]
-    rows = jnp.arange(b)
     not_run = jnp.int32(decoding.NOT_RUN)
     # phase 0: inside the step to score; 1: speculating the next one; 2: idle.
     ready = active & spec.complete  # the step to score is already there
@@ -361,6 +381,7 @@ def _step_decode(
         sreason: Array
         spec_tokens: Array
         it: Array
+        work: Array
 
     fresh_seg = ready  # rows whose step is ready start a new (speculative) segment
     init = Carry(
@@ -375,13 +396,13 @@ def _step_decode(
         sreason=jnp.full((b,), not_run),
         spec_tokens=jnp.zeros((b,), jnp.int32),
         it=jnp.zeros((), jnp.int32),
+        work=jnp.zeros((), jnp.int32),
     )
-
-    def cond(c: Carry) -> Array:
-        return jnp.any(c.phase == 0)
 
     def body(c: Carry) -> Carry:
         st = c.ds
+        nb, s = st.tokens.shape
+        rows = jnp.arange(nb)
         gen = c.phase < 2
         key, sub = jax.random.split(c.key)
         tok, lp, lq = decoding.sample_tokens(sub, st.logits, temperature, top_p)
@@ -429,9 +450,49 @@ def _step_decode(
             sreason=jnp.where(fin1, why, c.sreason),
             spec_tokens=c.spec_tokens + (gen & (c.phase == 1)),
             it=c.it + 1,
+            work=c.work + nb,
         )
 
-    out = jax.lax.while_loop(cond, body, init)
+    def loop(c: Carry, floor: int) -> Carry:
+        """Decode while a row is inside its step and more than ``floor`` generate."""
+
+        def cond(c: Carry) -> Array:
+            go = jnp.any(c.phase == 0)
+            return go & (jnp.sum(c.phase < 2) > floor) if floor else go
+
+        return jax.lax.while_loop(cond, body, c)
+
+    shared = ("key", "it", "work")  # the fields without a batch axis
+
+    def run(c: Carry, size: int) -> Carry:
+        if not compact or size <= 1:
+            return loop(c, 0)
+        half = (size + 1) // 2
+        c = loop(c, half)
+
+        def shrink(c: Carry) -> Carry:
+            # the rows that still generate first (at most ``half`` of them)
+            idx = jnp.argsort(c.phase >= 2, stable=True)[:half]
+            take = {
+                f: jax.tree.map(lambda a: a[idx], getattr(c, f))
+                for f in Carry._fields
+                if f not in shared
+            }
+            sub = run(c._replace(**take), half)
+            put = {
+                f: jax.tree.map(
+                    lambda a, v: a.at[idx].set(v, unique_indices=True),
+                    getattr(c, f),
+                    getattr(sub, f),
+                )
+                for f in Carry._fields
+                if f not in shared
+            }
+            return c._replace(**put, **{f: getattr(sub, f) for f in shared})
+
+        return jax.lax.cond(jnp.any(c.phase == 0), shrink, lambda c: c, c)
+
+    out = run(init, b)
     new_spec = Speculation(
         matcher=out.matcher,
         num_tokens=out.ds.lengths - out.end,
@@ -446,6 +507,7 @@ def _step_decode(
         out.it,
         new_spec,
         out.spec_tokens,
+        out.work,
     )
 
 
@@ -555,7 +617,7 @@ def llm_feynman_kac(
             complete=keep & x.spec.complete,
             reason=jnp.where(keep, x.spec.reason, decoding.NOT_RUN),
         )
-        ds, end, why, blogits, iters, spec, _ = _step_decode(
+        ds, end, why, blogits, iters, spec, _, work = _step_decode(
             lm,
             key,
             ds,
@@ -570,6 +632,7 @@ def llm_feynman_kac(
             stop=step_table,
             eos_ids=eos_ids,
             speculate=opts.speculate,
+            compact=opts.compact,
         )
         start = x.boundary
         num_steps = x.num_steps + active.astype(jnp.int32)
@@ -635,6 +698,7 @@ def llm_feynman_kac(
             finished=finished,
             new_tokens=jnp.where(active & ~is_ref, end - start, 0),
             decode_iters=jnp.broadcast_to(iters, (n,)),
+            decode_rows=jnp.broadcast_to(work, (n,)),
             boundary=end,
             boundary_logits=blogits,
             spec=spec,
@@ -655,6 +719,7 @@ def llm_feynman_kac(
             finished=jnp.zeros((n,), bool),
             new_tokens=jnp.zeros((n,), jnp.int32),
             decode_iters=jnp.zeros((n,), jnp.int32),
+            decode_rows=jnp.zeros((n,), jnp.int32),
             boundary=ds.lengths,
             boundary_logits=ds.logits,
             spec=Speculation(
@@ -713,6 +778,7 @@ class _Trace(NamedTuple):
     weight_history: Array
     tokens_per_step: Array
     decode_iters: Array
+    decode_rows: Array
     num_iterations: Array
     eos_finished: Array
 
@@ -781,6 +847,7 @@ def _sweep(
             "weights": buf["weights"].at[t].set(state.log_weights),
             "tokens": buf["tokens"].at[t].set(jnp.sum(x.new_tokens)),
             "iters": buf["iters"].at[t].set(x.decode_iters[0]),
+            "rows": buf["rows"].at[t].set(x.decode_rows[0]),
         }
 
     buf0 = {
@@ -790,6 +857,7 @@ def _sweep(
         "weights": jnp.full((t_max, n), -jnp.inf, jnp.float32),
         "tokens": jnp.zeros((t_max,), jnp.int32),
         "iters": jnp.zeros((t_max,), jnp.int32),
+        "rows": jnp.zeros((t_max,), jnp.int32),
     }
     buf0 = record(buf0, 0, state, info0, state.particles)
 
@@ -827,6 +895,7 @@ def _sweep(
         weight_history=buf["weights"],
         tokens_per_step=buf["tokens"],
         decode_iters=buf["iters"],
+        decode_rows=buf["rows"],
         num_iterations=t_end,
         eos_finished=jnp.any(last[:, None] == eos[None, :], axis=-1),
     )
@@ -1081,6 +1150,9 @@ class ParticleFilterResult(NamedTuple):
         ``(T,)``.
     decode_iters : np.ndarray
         ``(T,)`` batched forward passes per step (≥ the longest step).
+    decode_rows : np.ndarray
+        ``(T,)`` rows computed over those passes (``decode_iters · N`` unless
+        ``compact=True`` shrank the batch).
     finished : np.ndarray
         ``(N,)`` bool.
     wall_time : float
@@ -1109,6 +1181,7 @@ class ParticleFilterResult(NamedTuple):
     tokens_generated: int
     tokens_per_step: np.ndarray
     decode_iters: np.ndarray
+    decode_rows: np.ndarray
     finished: np.ndarray
     wall_time: float
     compile_time: float
@@ -1171,6 +1244,7 @@ def _to_result(tr: _Trace, tokenizer: Any, select: str, wall: float, comp: float
         tokens_generated=int(tr.tokens_per_step[:t_run].sum()),
         tokens_per_step=tr.tokens_per_step[:t_run],
         decode_iters=tr.decode_iters[:t_run],
+        decode_rows=tr.decode_rows[:t_run],
         finished=tr.finished,
         wall_time=wall,
         compile_time=comp,
@@ -1303,7 +1377,9 @@ def particle_filter(
         fk; for entropic, resampling is every step and this is the ESS ratio below
         which the weights are tempered, default 0.5), ``early_phase`` (0.5),
         ``speculate`` (False; True lets rows that ended their step start the next
-        one while the batch waits, see :func:`_step_decode`), ``step_delimiter``
+        one while the batch waits, see :func:`_step_decode`), ``compact`` (False;
+        True shrinks the batch to the rows still generating as a step's rows end,
+        see :func:`_step_decode`), ``step_delimiter``
         (``"\n\n"``), ``select`` (``"argmax"``, ``"vote"`` weighted by the final
         weights, or ``"majority"``).
 
