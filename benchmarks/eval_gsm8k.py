@@ -8,8 +8,10 @@ Questions are batched: ``--rows`` LM rows (questions x particles) run in one vma
 program, and question ``i`` always gets the key ``fold_in(key(seed), i)``.
 
 Configurations are ``greedy`` or ``pf<N>:<reward>`` (rewards: self-certainty,
-arithmetic, judge). Every finished question is appended to ``--out`` (jsonl), so a
-long run can be interrupted and resumed (``--resume`` skips what is already there).
+arithmetic, judge), optionally with filter switches: ``pf8:self-certainty:compact``
+runs the same filter with ``compact=True`` (its own rows in the table). Every
+finished question is appended to ``--out`` (jsonl), so a long run can be interrupted
+and resumed (``--resume`` skips what is already there).
 Prints a markdown table with 95 % Wilson intervals, tokens and wall time per question.
 """
 
@@ -41,8 +43,12 @@ def run_batch(cfg: str, lm, idx, probs, opts, seed, out: Path, rows: int):
         n, reward = 1, "self-certainty"
         extra = dict(temperature=0.0, ess_threshold=0.0, weights="fk")
     else:
-        n_s, reward = cfg[2:].split(":")
-        n, extra = int(n_s), {}
+        # pfN:reward, optionally with PF switches: pfN:reward:compact[:speculate]
+        n_s, reward, *flags = cfg[2:].split(":")
+        bad = set(flags) - {"compact", "speculate"}
+        if bad:
+            raise ValueError(f"unknown switch(es) {sorted(bad)} in config {cfg!r}")
+        n, extra = int(n_s), {f: True for f in flags}
     per = max(1, rows // n)
     for s in range(0, len(idx), per):
         ii, pp = idx[s : s + per], probs[s : s + per]

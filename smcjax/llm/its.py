@@ -45,7 +45,9 @@ set by the longest fresh row, which speculation cannot shorten, and on the embed
 model it saved no time (``benchmarks/results_llm_pf.md``). With ``compact=True`` the
 batch shrinks to the rows still generating (halving down to one row), which makes the
 tail of a step cheaper: on the embedded model 1.11x the tokens/s, for about 5x the
-compile time, so it is off by default.
+compile time, so it is off by default. It helps :func:`particle_filter` only: in
+:func:`particle_filter_batch` the questions run its levels in lock-step under ``vmap``
+(measured 1.3-1.4x slower), and it warns.
 
 Particle Gibbs (:func:`particle_gibbs`) and parallel tempering
 (:func:`parallel_tempering`) run conditional sweeps of the same program: slot 0 replays
@@ -62,6 +64,7 @@ from __future__ import annotations
 import functools
 import itertools
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -1420,12 +1423,26 @@ def particle_filter_batch(
     the same keys, each result equals a separate :func:`particle_filter` run up to
     float round-off (prompts are right-padded to a common length). ``wall_time`` of
     each result is the batch's total.
+
+    ``compact=True`` is allowed but slows a batch of several questions down (a
+    warning says so): under ``vmap`` every question runs every compaction level in
+    lock-step with the others, and the levels' ``lax.cond`` becomes a select. On
+    the embedded model, 2 questions × 8 particles took 1.3–1.4× longer per question
+    with it (``benchmarks/RESULTS.md``). Use it with :func:`particle_filter`.
     """
     if isinstance(questions, str):
         raise TypeError("questions must be a sequence of strings, not one string")
     n = _check_n(num_particles)
     rw = get_reward(reward, lm)
     opts, select = _options(**options)
+    if opts.compact and len(questions) > 1:
+        warnings.warn(
+            "compact=True slows particle_filter_batch down: under vmap every question "
+            "runs every compaction level in lock-step (measured 1.3-1.4x slower per "
+            "question on the embedded model); use it with particle_filter",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     tok = lm.tokenizer
     prompts = [np.asarray(format_prompt(tok, q), np.int32) for q in questions]
     plens = np.asarray([len(p) for p in prompts], np.int32)
