@@ -14,6 +14,9 @@ on, XLA's multi-threaded kernels ran up to ~2x slower for the first ~0.2 s of ca
 after a different workload, e.g. the previous library's series). Inputs are N(0, 1)
 log-weights in float32, M = N.
 
+* A second table times the JAX resamplers inside one jitted ``lax.scan`` of 3-20
+  calls (fresh key and input per call, nothing hoisted), which is how smcjax's
+  filters call them; ``--no-in-scan`` skips it.
 * smcjax takes *unnormalised log-weights* (its time includes the exp/normalisation);
 * particles and BlackJAX take *normalised weights* (normalisation not timed), so the
   comparison is conservative for smcjax. particles' ``inverse_cdf`` is numba-compiled
@@ -73,6 +76,40 @@ def _time_jax(
     return compile_s, 1e3 * statistics.median(times)
 
 
+def _time_jax_scan(
+    fn, arg, repeats: int, calls: int = 20, seed: int = 0, warmup: float = 0.0
+) -> float:
+    """Median milliseconds per call of ``fn(key, arg)`` run ``calls`` times in a scan.
+
+    This is how smcjax's filters call a resampler: inside one jitted ``lax.scan``.
+    Every call gets a fresh key, and its input is ``arg + c`` with ``c`` a float
+    carried from the previous call's ancestors (0.0 at run time, but not a constant
+    XLA can fold), so no part of the resampler is hoisted out of the loop.
+    """
+
+    def run(key, x):
+        def body(c, k):
+            a = fn(k, x + c)
+            return a[-1].astype(x.dtype) * 0.0, a[0]
+
+        return jax.lax.scan(body, jnp.zeros((), x.dtype), jax.random.split(key, calls))
+
+    compiled = jax.jit(run).lower(jax.random.key(seed), arg).compile()
+    keys = jax.random.split(jax.random.key(seed + 1), repeats + 1)
+    _warm(lambda: jax.block_until_ready(compiled(keys[0], arg)), warmup)
+    times = []
+    for k in keys[1:]:
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(k, arg))
+        times.append((time.perf_counter() - t0) / calls)
+    return 1e3 * statistics.median(times)
+
+
+def _scan_calls(per_call_ms: float) -> int:
+    """Calls per timed scan: ~100 ms of work, between 3 and 20 calls."""
+    return int(min(20, max(3, round(100.0 / max(per_call_ms, 1e-3)))))
+
+
 def _time_np(fn, repeats: int, warmup: float = 0.0) -> float:
     _warm(fn, warmup)  # (the first call also compiles numba's loop)
     times = []
@@ -106,6 +143,12 @@ def main() -> None:
         "--schemes",
         default="systematic,stratified,multinomial,residual",
         help="comma-separated list",
+    )
+    parser.add_argument(
+        "--no-in-scan",
+        dest="in_scan",
+        action="store_false",
+        help="skip the per-call times inside one jitted lax.scan (3-20 calls)",
     )
     args = parser.parse_args()
     sizes = [10**3, 10**4, 10**5] if args.quick else [10**3, 10**4, 10**5, 10**6]
@@ -141,6 +184,15 @@ def main() -> None:
             w_jax = jnp.asarray(w_np, jnp.float32)
             comp, ms = _time_jax(lambda k, x, f=ours: f(k, x), lw, repeats, warmup=warm)
             row = {"scheme": scheme, "N": n, "smcjax": ms, "compile": comp}
+            scan_repeats = max(3, repeats // 3)
+            if args.in_scan:
+                row["smcjax_scan"] = _time_jax_scan(
+                    lambda k, x, f=ours: f(k, x),
+                    lw,
+                    scan_repeats,
+                    calls=_scan_calls(ms),
+                    warmup=warm,
+                )
             if pr is not None:
                 f_pr = getattr(pr, scheme)
                 row["particles"] = _time_np(
@@ -151,6 +203,14 @@ def main() -> None:
                 row["blackjax"] = _time_jax(
                     lambda k, x, f=f_br, n=n: f(k, x, n), w_jax, repeats, warmup=warm
                 )[1]
+                if args.in_scan:
+                    row["blackjax_scan"] = _time_jax_scan(
+                        lambda k, x, f=f_br, n=n: f(k, x, n),
+                        w_jax,
+                        scan_repeats,
+                        calls=_scan_calls(row["blackjax"]),
+                        warmup=warm,
+                    )
             if scheme == "systematic":
                 row["searchsorted"] = _time_jax(
                     lambda k, x: _searchsorted_systematic(k, x, jnp.cumsum),
@@ -178,6 +238,24 @@ def main() -> None:
             f"{_fmt(pt and pt / r['smcjax'], 2)}× | "
             f"{_fmt(bj and bj / r['smcjax'], 2)}× |"
         )
+    scan_rows = [r for r in rows if "smcjax_scan" in r]
+    if scan_rows:
+        print(
+            "\nInside one jitted `lax.scan` (3-20 calls, ~100 ms; fresh key and input "
+            "each call; "
+            "how the filters call a resampler), ms per call; particles per call from "
+            "Python as above:\n\n| scheme | N | smcjax in scan | BlackJAX in scan "
+            "| particles 0.4 | particles / smcjax | BlackJAX / smcjax |\n"
+            "|---|---:|---:|---:|---:|---:|---:|"
+        )
+        for r in scan_rows:
+            pt, bj = r.get("particles"), r.get("blackjax_scan")
+            print(
+                f"| {r['scheme']} | {r['N']:.0e} | {_fmt(r['smcjax_scan'])} | "
+                f"{_fmt(bj)} | {_fmt(pt)} | "
+                f"{_fmt(pt and pt / r['smcjax_scan'], 2)}× | "
+                f"{_fmt(bj and bj / r['smcjax_scan'], 2)}× |"
+            )
     sys_rows = [r for r in rows if "searchsorted" in r]
     if sys_rows:
         print(

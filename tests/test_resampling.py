@@ -303,6 +303,34 @@ def test_multinomial_large_uneven_n():
     _assert_var_multinomial(counts, m, w[top])
 
 
+@pytest.mark.parametrize("scan", [0, 1, 3])
+def test_guide_table_scan_and_binary_search_agree(monkeypatch, scan):
+    """Multinomial/residual ranks: the unrolled cell scan + binary-search fallback.
+
+    ``K(c) = #{j : p_j < c / C}`` is checked against ``np.searchsorted`` on the same
+    float32 points and query values, with the default scan length (the fallback
+    almost never runs) and with short scans (0: binary search only; 1, 3: the fallback
+    runs in many cells), which must give identical ancestors.
+    """
+    n = m = 20011
+    lw = jnp.asarray(np.random.default_rng(7).normal(size=n) * 3.0, jnp.float32)
+    w, _ = rs._weights(rs._clean(lw))
+    cdf, total = rs._blocked_cumsum(w, True)
+    key = jax.random.key(5)
+    points = rs._sorted_uniforms(key, m, m, jnp.float32)
+    g = points.shape[0]
+    x = np.asarray((cdf * (g / total)) / g)
+    expected = np.searchsorted(np.asarray(points), x, side="left")
+    default = [jax.jit(f)(key, lw) for f in (rs.multinomial, rs.residual)]
+    got = jax.jit(lambda c, t, p: rs._sorted_rank_fn(t, p)(c))(cdf, total, points)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    monkeypatch.setattr(rs, "_CELL_SCAN", scan)
+    got = jax.jit(lambda c, t, p: rs._sorted_rank_fn(t, p)(c))(cdf, total, points)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    for f, a in zip((rs.multinomial, rs.residual), default, strict=True):
+        np.testing.assert_array_equal(np.asarray(jax.jit(f)(key, lw)), np.asarray(a))
+
+
 # --------------------------------------------------------------------------------------
 # Edge cases
 # --------------------------------------------------------------------------------------
