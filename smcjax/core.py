@@ -89,12 +89,19 @@ class FeynmanKac(NamedTuple):
         ``log_potential(t, particles_prev, particles) -> (N,)`` (``particles_prev`` is
         ``None`` at ``t = 0``). LLM particles use this to batch the language model;
         the state-space filters use it to draw all particles' noise in one call.
+    any_batch_size
+        For a ``vectorized`` model: ``True`` if its functions accept any number of
+        rows, so that :func:`smc` may run up to 15 padding rows beside the
+        ``num_particles`` real ones (see the notes of :func:`smc`; always allowed for
+        models the engine vmaps). Default ``False``: a vectorized model gets exactly
+        ``num_particles`` rows.
     """
 
     init: Callable[..., ArrayTree]
     propagate: Callable[..., ArrayTree]
     log_potential: Callable[..., Array]
     vectorized: bool = False
+    any_batch_size: bool = False
 
 
 class BatchedModel(NamedTuple):
@@ -103,6 +110,37 @@ class BatchedModel(NamedTuple):
     init: Callable[[PRNGKey, int], ArrayTree]
     propagate: Callable[[PRNGKey, Array, ArrayTree], ArrayTree]
     log_potential: Callable[[Array, ArrayTree | None, ArrayTree], Array]
+
+
+_PAD = 16
+_PAD_FROM = 64
+
+
+def _padded(n: int) -> int:
+    r"""The number of rows :func:`smc` runs for ``n`` particles: ``n`` rounded up to 16.
+
+    XLA's CPU fusion kernels (jax 0.10.2) run 3-10x slower on arrays whose length is
+    not a multiple of 16 when they are multi-threaded: a bootstrap filter with
+    100 001 particles took 780-830 ms against 160 ms for 100 000
+    (``benchmarks/results_pf.md``). From 64 particles on, :func:`smc` therefore
+    carries up to 15 *padding rows* after the ``n`` real particles: they are
+    propagated like the others (as copies of the first ancestors), their potentials
+    are set to ``-inf``, so their weights are zero, they are never resampled and they
+    contribute nothing to the ESS, the means or :math:`\hat Z`; resampling draws
+    exactly ``n`` ancestors from the ``n`` real particles. Every output is cut back to
+    the ``n`` real particles. The first ``n`` particle keys are those of
+    ``jax.random.split(key, n)`` (JAX's partitionable Threefry), so the filter is the
+    same ``n``-particle filter (only the float32 grouping of the resampler's prefix
+    sums follows the padded length).
+    """
+    if n < _PAD_FROM or n % _PAD == 0:
+        return n
+    return -(-n // _PAD) * _PAD
+
+
+def _head(tree: ArrayTree, n: int, axis: int = 0) -> ArrayTree:
+    """The first ``n`` entries of every leaf along ``axis``."""
+    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis), tree)
 
 
 def batch_model(model: FeynmanKac) -> BatchedModel:
@@ -285,7 +323,31 @@ def init(
     return state, info
 
 
-def _init(key, bm: BatchedModel, n: int):
+def _uniform(n: int, n_real: int) -> Array:
+    """Log-weights ``-log(n_real)`` on the first ``n_real`` rows, ``-inf`` after."""
+    dtype = jnp.result_type(float)
+    uniform = jnp.full((n,), -jnp.log(float(n_real)), dtype)
+    if n_real == n:
+        return uniform
+    return jnp.where(jnp.arange(n) < n_real, uniform, -jnp.inf)
+
+
+def _reweight_rows(log_w: Array, log_g: Array, log_z: Array, n_real: int):
+    """:func:`_reweight` on ``n_real`` real rows followed by padding rows.
+
+    Padding rows enter with log-weight ``-inf`` (:func:`_uniform`) and keep it. The
+    one case to mend is a step where every real weight is zero: normalisation then
+    falls back to uniform weights over *all* rows, whereas the ``n_real``-particle
+    filter gives its real particles ``-log(n_real)`` and padding must stay at zero.
+    """
+    log_w, log_z, incr = _reweight(log_w, log_g, log_z)
+    if n_real != log_w.shape[0]:
+        log_w = jnp.where(incr == -jnp.inf, _uniform(log_w.shape[0], n_real), log_w)
+    return log_w, log_z, incr
+
+
+def _init(key, bm: BatchedModel, n: int, n_real: int | None = None):
+    n_real = n if n_real is None else n_real
     t0 = jnp.zeros((), jnp.int32)
     x0 = bm.init(key, n)
     if _num_particles(x0) != n:
@@ -293,8 +355,9 @@ def _init(key, bm: BatchedModel, n: int):
             f"init returned {_num_particles(x0)} particles, expected num_particles={n}"
         )
     log_g = bm.log_potential(t0, None, x0)
-    uniform = jnp.full((n,), -jnp.log(float(n)), jnp.result_type(float))
-    log_w, log_z, incr = _reweight(uniform, log_g, jnp.zeros((), uniform.dtype))
+    uniform = _uniform(n, n_real)
+    zero = jnp.zeros((), uniform.dtype)
+    log_w, log_z, incr = _reweight_rows(uniform, log_g, zero, n_real)
     state = SMCState(x0, log_w, log_z, t0)
     cache = _weights_cache(log_w)
     info = SMCInfo(jnp.arange(n, dtype=jnp.int32), jnp.array(False), cache.ess, incr)
@@ -375,18 +438,24 @@ def _step(
     bm: BatchedModel,
     resampler,
     ess_threshold,
+    n_real: int | None = None,
 ):
     n = state.log_weights.shape[0]
+    n_real = n if n_real is None else n_real
     t = state.t + 1
     k_res, k_prop = jax.random.split(key)
     identity = jnp.arange(n, dtype=jnp.int32)
-    uniform = jnp.full_like(state.log_weights, -jnp.log(float(n)))
+    uniform = _uniform(n, n_real).astype(state.log_weights.dtype)
     from_weights = _rs._FROM_WEIGHTS.get(resampler)
 
     def resample():
+        # n_real ancestors of the n_real real particles (padding rows have weight 0
+        # and are never drawn); padding rows copy the first ancestors.
         if from_weights is not None:  # same result, without re-exponentiating
-            return from_weights(k_res, cache.w, n)
-        return resampler(k_res, state.log_weights, n).astype(jnp.int32)
+            a = from_weights(k_res, cache.w, n_real)
+        else:
+            a = resampler(k_res, state.log_weights, n_real).astype(jnp.int32)
+        return a if n_real == n else jnp.concatenate([a, a[: n - n_real]])
 
     mode = _resampling_mode(ess_threshold)
     if mode == "always":
@@ -399,7 +468,7 @@ def _step(
         ancestors, log_w, x_prev = identity, state.log_weights, state.particles
     else:
         # A traced threshold is allowed (e.g. vmapped over thresholds).
-        resampled = cache.ess < ess_threshold * n
+        resampled = cache.ess < ess_threshold * n_real
         # One cond for ancestors *and* the gather: without vmap only the taken branch
         # runs, so skipped resampling costs nothing; under vmap it becomes a select.
         ancestors, x_prev = jax.lax.cond(
@@ -411,7 +480,7 @@ def _step(
 
     x = bm.propagate(k_prop, t, x_prev)
     log_g = bm.log_potential(t, x_prev, x)
-    log_w, log_z, incr = _reweight(log_w, log_g, state.log_evidence)
+    log_w, log_z, incr = _reweight_rows(log_w, log_g, state.log_evidence, n_real)
     new_state = SMCState(x, log_w, log_z, t)
     new_cache = _weights_cache(log_w)
     info = SMCInfo(ancestors, resampled, new_cache.ess, incr)
@@ -490,6 +559,17 @@ def smc(
     -----
     Runs under ``jax.jit`` (with ``model``, ``num_particles``, ``num_steps`` and the
     keyword options static) and under ``jax.vmap`` over keys.
+
+    From 64 particles on, a ``num_particles`` that is not a multiple of 16 is run
+    with up to 15 *padding rows* (models the engine vmaps, and vectorized models
+    with ``any_batch_size=True``, such as the state-space filters): XLA's CPU fusion
+    kernels are 3-10x slower on lengths that are not multiples of 16 (a bootstrap
+    filter with 100 001 particles took 4.8x as long as with 100 000). Padding rows
+    have weight zero throughout: they are never drawn as ancestors, and add nothing
+    to :math:`\hat Z`, the ESS or the means; exactly ``num_particles`` ancestors
+    are drawn from the real particles, and every output is cut back to them. The
+    particles, ancestors and history are those of the run without padding rows
+    (tested); sums over particles agree up to float32 summation order.
     """
     n = _check_num_particles(num_particles)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -497,20 +577,28 @@ def smc(
     bm = batch_model(model)
     resampler = get_resampler(resampling)
     _check_threshold(ess_threshold)
+    # Rows actually run: n real particles + padding rows (see _padded). Vectorised
+    # models get exactly n unless they accept any batch size (their batch layout,
+    # e.g. sharding or per-particle arrays, is the user's).
+    rows = _padded(n) if model.any_batch_size or not model.vectorized else n
+
+    def real(tree: ArrayTree) -> ArrayTree:
+        return tree if rows == n else _head(tree, n)
 
     def record(state: SMCState, info: SMCInfo, cache: _WeightsCache):
-        out = {"info": info}
+        out = {"info": info._replace(ancestors=real(info.ancestors))}
+        particles, log_w = real(state.particles), real(state.log_weights)
         if return_history:
-            out["history"] = state.particles
-            out["log_weights"] = state.log_weights
+            out["history"] = particles
+            out["log_weights"] = log_w
         if compute_means:
             out["mean"] = _cached_mean(state.particles, cache)
         if summary_fn is not None:
-            out["summary"] = summary_fn(state.t, state.particles, state.log_weights)
+            out["summary"] = summary_fn(state.t, particles, log_w)
         return out
 
     k0, k_loop, k_final = jax.random.split(key, 3)
-    state, info0, cache = _init(k0, bm, n)
+    state, info0, cache = _init(k0, bm, rows, n)
     rec0 = record(state, info0, cache)
 
     # The records of every step are written in place into (T, ...) buffers carried
@@ -526,7 +614,7 @@ def smc(
 
     def body(carry, k):
         state, cache, recs = carry
-        state, info, cache = _step(k, state, cache, bm, resampler, ess_threshold)
+        state, info, cache = _step(k, state, cache, bm, resampler, ess_threshold, n)
         recs = jax.tree.map(
             lambda buf, r: jax.lax.dynamic_update_index_in_dim(buf, r, state.t, 0),
             recs,
@@ -548,7 +636,9 @@ def smc(
         else:
             final_ancestors = resampler(k_final, log_w, n).astype(jnp.int32)
         particles = gather(particles, final_ancestors)
-        log_w = jnp.full_like(log_w, -jnp.log(float(n)))
+        log_w = jnp.full((n,), -jnp.log(float(n)), log_w.dtype)
+    else:
+        particles, log_w = real(particles), real(log_w)
     infos: SMCInfo = recs["info"]
     return SMCResult(
         particles=particles,

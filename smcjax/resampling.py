@@ -80,8 +80,8 @@ Threefry (:func:`_fast_key`), bit-identical to ``jax.random`` but ~1.7x faster o
 Random bits for an array whose size is not a multiple of 16 are ~3-10x slower on
 XLA's CPU backend (jax 0.10.2: 13.9 ms for :math:`10^6 + 1` exponentials against
 1.9 ms for :math:`10^6 + 16`), so internal draws are padded to a multiple of 16. The
-same holds for a user's particle count: vmapped normal draws for :math:`10^5 + 1`
-particles take 7.5 ms against 2.5 ms for :math:`10^5` (``results_resampling.md``).
+same holds for a user's particle count, which :func:`smcjax.smc` therefore pads with
+rows of weight zero (see its notes).
 
 Precision. The prefix sums are made *consistent* across the blocks of the tree: each
 block's prefixes are clamped to the block's end value at the coarser level, and from

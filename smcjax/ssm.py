@@ -292,7 +292,9 @@ def _feynman_kac(
             return jax.vmap(lambda xn: log_g(t, None, xn))(x)
         return jax.vmap(lambda xp, xn: log_g(t, xp, xn))(x_prev, x)
 
-    return FeynmanKac(init, propagate, log_potential, vectorized=True)
+    return FeynmanKac(
+        init, propagate, log_potential, vectorized=True, any_batch_size=True
+    )
 
 
 def bootstrap(model: StateSpaceModel, observations: ArrayLike) -> FeynmanKac:

@@ -160,6 +160,125 @@ def test_final_resample_and_history():
     assert smcjax.smc(jax.random.key(1), fk, 40, T).final_ancestors is None
 
 
+def _lg_batch_model(seen):
+    """The vectorized model of :func:`lg_model`, accepting any batch size.
+
+    Records the batch sizes it is traced with in ``seen``.
+    """
+    fk = lg_model(vectorized=True)
+
+    def propagate(key, t, x):
+        seen.append(x.shape[0])
+        return fk.propagate(key, t, x)
+
+    return fk._replace(propagate=propagate, any_batch_size=True)
+
+
+@pytest.mark.parametrize("kind", ["vmapped", "any_batch_size"])
+@pytest.mark.parametrize(
+    ("resampling", "threshold", "n"),
+    [
+        ("systematic", 0.5, 100),
+        ("multinomial", 1.0, 100),
+        ("stratified", 1.0, 100),
+        ("residual", 0.5, 100),
+        ("systematic", 1.0, 1001),
+    ],
+)
+def test_padding_rows_leave_the_filter_unchanged(
+    monkeypatch, kind, resampling, threshold, n
+):
+    """``smc`` runs ``N`` rounded up to 16 rows; the extra rows change nothing.
+
+    Oracle: the same filter without padding rows (``_PAD_FROM`` raised). Particles,
+    ancestors, history and resampling flags must be identical (the first ``N`` keys
+    and noise draws are the same and padding rows are never drawn as ancestors);
+    sums over the particles (log-evidence, ESS, means, normalised log-weights) agree
+    up to float32 summation order.
+    """
+    seen: list[int] = []
+    fk = lg_model() if kind == "vmapped" else _lg_batch_model(seen)
+    assert core._padded(n) > n
+
+    def run():
+        return jax.jit(
+            lambda k: smcjax.smc(
+                k,
+                fk,
+                n,
+                T,
+                resampling=resampling,
+                ess_threshold=threshold,
+                final_resample=True,
+                return_history=True,
+                compute_means=True,
+            )
+        )(jax.random.key(11))
+
+    padded = run()
+    if kind == "any_batch_size":
+        assert set(seen) == {core._padded(n)}
+    monkeypatch.setattr(core, "_PAD_FROM", 10**9)
+    plain = run()
+    if kind == "any_batch_size":
+        assert seen[-1] == n
+    _assert_same_filter(padded, plain, n)
+
+
+def test_padding_rows_stay_at_zero_weight_when_every_weight_vanishes(monkeypatch):
+    """All real weights zero at a step: real particles fall back to uniform
+    weights, padding rows stay at zero, as in the filter without padding rows."""
+    n = 100
+    fk = smcjax.FeynmanKac(
+        init=lambda key: jax.random.normal(key),
+        propagate=lambda key, t, x: 0.5 * x + jax.random.normal(key),
+        log_potential=lambda t, xp, x: jnp.where(t == 2, -jnp.inf, -0.5 * x**2),
+    )
+
+    def run():
+        return smcjax.smc(jax.random.key(4), fk, n, 5, return_history=True)
+
+    padded = run()
+    assert padded.log_evidence == -np.inf
+    np.testing.assert_allclose(padded.log_weights_history[2], -np.log(n))
+    monkeypatch.setattr(core, "_PAD_FROM", 10**9)
+    _assert_same_filter(padded, run(), n)
+
+
+def _assert_same_filter(padded, plain, n):
+    exact = ("particles", "ancestors", "resampled", "history", "final_ancestors")
+    for field in padded._fields:
+        a, b = getattr(padded, field), getattr(plain, field)
+        if a is None:
+            assert b is None, field
+            continue
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.shape == b.shape, field
+        if field in (*exact, "log_weights", "log_weights_history"):
+            assert a.shape[-1] == n or field == "resampled", field  # cut back to n
+        if field in exact:
+            np.testing.assert_array_equal(a, b, err_msg=field)
+        elif field == "ess":
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * n, err_msg=field)
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=field)
+
+
+def test_vectorized_model_gets_exactly_num_particles_rows():
+    """A vectorized model without ``any_batch_size`` is never padded (e.g. models
+    with per-particle arrays of fixed length)."""
+    n = 100
+    offsets = jnp.linspace(-1.0, 1.0, n)
+    fk = smcjax.FeynmanKac(
+        init=lambda key, m: offsets + jax.random.normal(key, (m,)),
+        propagate=lambda key, t, x: x + offsets + jax.random.normal(key, x.shape),
+        log_potential=lambda t, xp, x: -0.5 * x**2,
+        vectorized=True,
+    )
+    res = smcjax.smc(jax.random.key(0), fk, n, 4)
+    assert res.particles.shape == (n,) and np.isfinite(res.log_evidence)
+
+
 def test_zero_weights_everywhere_give_minus_inf_evidence_without_nan():
     fk = smcjax.FeynmanKac(
         init=lambda key: jax.random.normal(key),
