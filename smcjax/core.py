@@ -124,9 +124,9 @@ def _padded(n: int) -> int:
     100 001 particles took 780-830 ms against 160 ms for 100 000
     (``benchmarks/results_pf.md``). From 64 particles on, :func:`smc` therefore
     carries up to 15 *padding rows* after the ``n`` real particles: they are
-    propagated like the others (as copies of the first ancestors), their potentials
-    are set to ``-inf``, so their weights are zero, they are never resampled and they
-    contribute nothing to the ESS, the means or :math:`\hat Z`; resampling draws
+    propagated like the others (as copies of the first ancestors), but they start at
+    log-weight ``-inf`` and keep it, so they are never resampled and they contribute
+    nothing to the ESS, the means or :math:`\hat Z`; resampling draws
     exactly ``n`` ancestors from the ``n`` real particles. Every output is cut back to
     the ``n`` real particles. The first ``n`` particle keys are those of
     ``jax.random.split(key, n)`` (JAX's partitionable Threefry), so the filter is the
@@ -138,9 +138,9 @@ def _padded(n: int) -> int:
     return -(-n // _PAD) * _PAD
 
 
-def _head(tree: ArrayTree, n: int, axis: int = 0) -> ArrayTree:
-    """The first ``n`` entries of every leaf along ``axis``."""
-    return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis), tree)
+def _head(tree: ArrayTree, n: int) -> ArrayTree:
+    """The first ``n`` rows of every leaf."""
+    return jax.tree.map(lambda x: x[:n], tree)
 
 
 def batch_model(model: FeynmanKac) -> BatchedModel:
