@@ -124,6 +124,14 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}g}"
 
 
+def _ratios(ours: float, particles: float | None, blackjax: float | None) -> str:
+    """The last two table cells: particles / smcjax and BlackJAX / smcjax."""
+    return (
+        f"{_fmt(particles and particles / ours, 2)}× | "
+        f"{_fmt(blackjax and blackjax / ours, 2)}× |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N up to 1e5")
@@ -235,8 +243,7 @@ def main() -> None:
         print(
             f"| {r['scheme']} | {r['N']:.0e} | {_fmt(r['smcjax'])} | "
             f"{_fmt(r['compile'], 2)} | {_fmt(pt)} | {_fmt(bj)} | "
-            f"{_fmt(pt and pt / r['smcjax'], 2)}× | "
-            f"{_fmt(bj and bj / r['smcjax'], 2)}× |"
+            f"{_ratios(r['smcjax'], pt, bj)}"
         )
     scan_rows = [r for r in rows if "smcjax_scan" in r]
     if scan_rows:
@@ -252,9 +259,7 @@ def main() -> None:
             pt, bj = r.get("particles"), r.get("blackjax_scan")
             print(
                 f"| {r['scheme']} | {r['N']:.0e} | {_fmt(r['smcjax_scan'])} | "
-                f"{_fmt(bj)} | {_fmt(pt)} | "
-                f"{_fmt(pt and pt / r['smcjax_scan'], 2)}× | "
-                f"{_fmt(bj and bj / r['smcjax_scan'], 2)}× |"
+                f"{_fmt(bj)} | {_fmt(pt)} | {_ratios(r['smcjax_scan'], pt, bj)}"
             )
     sys_rows = [r for r in rows if "searchsorted" in r]
     if sys_rows:
